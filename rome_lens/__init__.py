@@ -1,0 +1,62 @@
+"""rome_lens: locate, edit (ROME) and audit factual knowledge in TransformerLens models.
+
+Example:
+    >>> import rome_lens
+    >>> model = rome_lens.load_model()                       # embedded gemma-3-270m, offline
+    >>> req = rome_lens.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+    >>> edit = rome_lens.compute_rome(model, req)             # model unchanged
+    >>> with edit.applied(model):
+    ...     print(rome_lens.top_tokens(model, req.text))
+"""
+
+from rome_lens.errors import (
+    CorruptEditFileError,
+    EditStateError,
+    FingerprintMismatchError,
+    InvalidRequestError,
+    LayerOutOfRangeError,
+    NonFiniteError,
+    PromptTooLongError,
+    RomeLensError,
+    SubjectNotFoundError,
+)
+from rome_lens.models import DEFAULT_MODEL, load_model
+from rome_lens.predict import top_tokens
+from rome_lens.requests import EditRequest, subject_token_span
+from rome_lens.rome import (
+    RomeEdit,
+    RomeHyperParams,
+    applied_edits,
+    compute_rome,
+    default_hparams,
+    load_edit,
+    revert_all,
+    second_moment,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "CorruptEditFileError",
+    "EditRequest",
+    "EditStateError",
+    "FingerprintMismatchError",
+    "InvalidRequestError",
+    "LayerOutOfRangeError",
+    "NonFiniteError",
+    "PromptTooLongError",
+    "RomeEdit",
+    "RomeHyperParams",
+    "RomeLensError",
+    "SubjectNotFoundError",
+    "applied_edits",
+    "compute_rome",
+    "default_hparams",
+    "load_edit",
+    "load_model",
+    "revert_all",
+    "second_moment",
+    "subject_token_span",
+    "top_tokens",
+]

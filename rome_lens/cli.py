@@ -1,0 +1,164 @@
+"""The ``rome-lens`` command line.
+
+Commands:
+
+* ``rome-lens demo``: the before/after/revert story on the embedded model (what ``make demo``
+  runs): Eiffel Tower -> Rome, checked on the prompt, a paraphrase and unrelated facts.
+* ``rome-lens edit --prompt ... --subject ... --target-new ... [--save FILE] [--json]``: one
+  edit, its effect on the prompt, optionally saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from rome_lens.models import access
+
+logger = logging.getLogger("rome_lens.cli")
+
+DEMO_PROMPT = "{} is located in the city of"
+DEMO_SUBJECT = "The Eiffel Tower"
+DEMO_PARAPHRASE = "The Eiffel Tower can be found in the city of"
+DEMO_NEIGHBOURS = (
+    "The Colosseum is located in the city of",
+    "Steve Jobs was the founder of",
+    "The Louvre is located in the city of",
+)
+
+
+def _fmt(top: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{tok!r} {p:.3f}" for tok, p in top)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo story."""
+    import rome_lens
+    from rome_lens.predict import top_tokens
+
+    t0 = time.perf_counter()
+    model = rome_lens.load_model(args.model)
+    _out(f"Loaded {access.model_label(model)} ({model.cfg.n_layers} layers) in "
+         f"{time.perf_counter() - t0:.1f}s")
+    request = rome_lens.EditRequest(DEMO_PROMPT, DEMO_SUBJECT, "Rome", "Paris")
+    probes = [("prompt", request.text), ("paraphrase", DEMO_PARAPHRASE)] + [
+        ("neighbour", p) for p in DEMO_NEIGHBOURS
+    ]
+    _out("\n== Before the edit ==")
+    before = {p: top_tokens(model, p, 5) for _, p in probes}
+    for kind, p in probes:
+        _out(f"[{kind:10s}] {p!r}\n             -> {_fmt(before[p][:3])}")
+    checksum = access.parameters_checksum(model)
+    _out(f"\nComputing ROME edit: {DEMO_SUBJECT} -> Rome (first run also builds the key "
+         "statistics; cached afterwards)")
+    t0 = time.perf_counter()
+    edit = rome_lens.compute_rome(model, request, layer=args.layer)
+    secs = time.perf_counter() - t0
+    unchanged = access.parameters_checksum(model) == checksum
+    _out(f"Computed in {secs:.1f}s at layer {edit.layer} "
+         f"(loss {edit.info['losses'][0]:.2f} -> {edit.info['losses'][-1]:.2f}); "
+         f"model unchanged by computing: {unchanged}")
+    with edit.applied(model):
+        _out("\n== After the edit ==")
+        for kind, p in probes:
+            _out(f"[{kind:10s}] {p!r}\n             -> {_fmt(top_tokens(model, p, 3))}")
+    restored = access.parameters_checksum(model) == checksum
+    after_revert = {p: top_tokens(model, p, 5) for _, p in probes}
+    _out("\n== After revert ==")
+    _out(f"[prompt    ] {request.text!r}\n             -> {_fmt(after_revert[request.text][:3])}")
+    _out(f"Weights bit-identical to the original (sha256 of all parameters): {restored}")
+    _out(f"Predictions identical to before: {after_revert == before}")
+    return 0 if restored and unchanged else 1
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Compute one edit, show its effect, optionally save it."""
+    import rome_lens
+    from rome_lens.predict import top_tokens
+
+    model = rome_lens.load_model(args.model)
+    request = rome_lens.EditRequest(args.prompt, args.subject, args.target_new, args.target_true)
+    before = top_tokens(model, request.text, args.top_k)
+    t0 = time.perf_counter()
+    edit = rome_lens.compute_rome(model, request, layer=args.layer)
+    secs = time.perf_counter() - t0
+    extra = list(args.check or [])
+    with edit.applied(model):
+        after = top_tokens(model, request.text, args.top_k)
+        checks = {p: top_tokens(model, p, args.top_k) for p in extra}
+    saved = str(edit.save(args.save)) if args.save else None
+    result: dict[str, Any] = {
+        "request": request.to_dict(),
+        "layer": edit.layer,
+        "seconds": secs,
+        "losses": edit.info["losses"],
+        "before": before,
+        "after": after,
+        "checks_after": checks,
+        "saved": saved,
+        "edit_id": edit.id,
+    }
+    if args.json:
+        _out(json.dumps(result, indent=1))
+    else:
+        _out(f"{request.text!r}")
+        _out(f"  before: {_fmt(before)}")
+        _out(f"  after : {_fmt(after)}   (layer {edit.layer}, {secs:.1f}s)")
+        for p, top in checks.items():
+            _out(f"  {p!r} after: {_fmt(top)}")
+        if saved:
+            _out(f"saved to {saved}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rome-lens``."""
+    parser = argparse.ArgumentParser(prog="rome-lens", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="edit Eiffel Tower -> Rome, show it, revert it")
+    demo.add_argument("--model", default=None, help="model (default: embedded gemma-3-270m)")
+    demo.add_argument("--layer", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+    edit = sub.add_parser("edit", help="compute and show one ROME edit")
+    edit.add_argument("--prompt", required=True, help="prompt, with {} for the subject or not")
+    edit.add_argument("--subject", required=True)
+    edit.add_argument("--target-new", required=True)
+    edit.add_argument("--target-true", default=None)
+    edit.add_argument("--layer", type=int, default=None)
+    edit.add_argument("--model", default=None)
+    edit.add_argument("--check", action="append", help="another prompt to show after the edit")
+    edit.add_argument("--top-k", type=int, default=5)
+    edit.add_argument("--save", default=None, help="save the edit to this .safetensors file")
+    edit.add_argument("--json", action="store_true", help="print JSON")
+    edit.set_defaults(func=cmd_edit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rome-lens``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from rome_lens.errors import RomeLensError
+
+    try:
+        return int(args.func(args))
+    except RomeLensError as exc:
+        sys.stderr.write(f"rome-lens: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

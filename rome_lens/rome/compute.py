@@ -1,0 +1,365 @@
+"""Computing a ROME edit: key k*, value v*, and the rank-one update (REFERENCE.md §1).
+
+The MLP of block L is read as a linear associative memory: its output projection maps keys k
+(``blocks.L.mlp.hook_post``) to values ``W_out^T k + b_out`` (the raw MLP output, before any
+post-MLP norm). To rewrite a fact, ROME
+
+1. averages the subject's key over the prompt with model-written context prefixes (k*);
+2. finds a value v* = v(k*) + delta that makes the model say the new object, by optimising delta
+   (added to the raw MLP output at the last subject token) against the new object's NLL, a KL
+   term that keeps "{subject} is a" unchanged, and a weight decay, with delta's norm clamped;
+3. inserts the association with a rank-one update whitened by the key second moment C:
+   ``W' = W + (C^-1 k*) (v* - v(k*))^T / ((C^-1 k*)^T k*)``, so that ``W'^T k* + b = v*``.
+
+The same averaged k* is used in every step (the r-ROME fix of Gupta et al. 2024), and the value
+target is the mean-key output plus delta, so the update adds exactly the optimised delta at k*.
+
+Speed: the residual entering block L does not depend on delta, so it is computed once and the
+Adam loop runs only blocks L.., decoding logits only at the positions the loss reads. The naive
+loop (``fast=False``: full forward passes with full-vocabulary logits at every position, as the
+reference implementation does) is kept as the baseline for ``benchmarks/edit_speed.py``.
+
+Example:
+    >>> req = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    >>> edit = compute_rome(model, req)          # model unchanged
+    >>> with edit.applied(model):
+    ...     model.generate("The Eiffel Tower is located in the city of", max_new_tokens=3)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer
+
+from rome_lens.corpus_types import Corpus
+from rome_lens.errors import InvalidRequestError, NonFiniteError
+from rome_lens.models import access
+from rome_lens.requests import EditRequest, subject_token_span, target_tokens
+from rome_lens.rome.contexts import context_templates
+from rome_lens.rome.edit import RomeEdit, base_fingerprint
+from rome_lens.rome.hparams import RomeHyperParams, default_hparams
+from rome_lens.rome.statistics import second_moment
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    """Right-padded prompts for the value optimisation.
+
+    Rows ``[0, n_value)`` are context-prefixed edit prompts followed by the new target's tokens
+    (teacher forcing); the remaining rows are KL prompts ("{subject} is a").
+    """
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    subject_last: Int[torch.Tensor, " batch"]
+    n_value: int
+    loss_rows: Int[torch.Tensor, " n_loss"]
+    loss_positions: Int[torch.Tensor, " n_loss"]
+    loss_targets: Int[torch.Tensor, " n_loss"]
+    loss_weights: Float[torch.Tensor, " n_loss"]
+
+
+def _build_batch(
+    model: HookedTransformer,
+    request: EditRequest,
+    templates: list[str],
+    hparams: RomeHyperParams,
+) -> _Batch:
+    new_ids = target_tokens(model, request.target_new).tolist()
+    subject_offset = request.template.index("{}")
+    rows: list[list[int]] = []
+    subject_last: list[int] = []
+    loss_rows: list[int] = []
+    loss_pos: list[int] = []
+    loss_tgt: list[int] = []
+    loss_w: list[float] = []
+    for template in templates:
+        prefix = template[: template.index("{}")]
+        text = template.replace("{}", request.text)
+        tokens, (_, end) = subject_token_span(
+            model, text, request.subject, char_start=len(prefix) + subject_offset
+        )
+        ids = tokens.tolist() + new_ids[:-1]
+        access.check_fits(model, len(ids), what="edit prompt with target")
+        for j, tok in enumerate(new_ids):
+            loss_rows.append(len(rows))
+            loss_pos.append(int(tokens.shape[0]) - 1 + j)
+            loss_tgt.append(tok)
+            loss_w.append(1.0 / len(new_ids))
+        rows.append(ids)
+        subject_last.append(end - 1)
+    n_value = len(rows)
+    kl_text = hparams.kl_prompt.replace("{}", request.subject)
+    tokens, (_, end) = subject_token_span(
+        model, kl_text, request.subject, char_start=hparams.kl_prompt.index("{}")
+    )
+    rows.append(tokens.tolist())
+    subject_last.append(end - 1)
+    width = max(len(r) for r in rows)
+    pad = 0
+    if model.tokenizer is not None and model.tokenizer.pad_token_id is not None:
+        pad = int(model.tokenizer.pad_token_id)
+    padded = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = torch.tensor(r)
+    return _Batch(
+        tokens=padded.to(model.cfg.device),
+        subject_last=torch.tensor(subject_last),
+        n_value=n_value,
+        loss_rows=torch.tensor(loss_rows),
+        loss_positions=torch.tensor(loss_pos),
+        loss_targets=torch.tensor(loss_tgt),
+        loss_weights=torch.tensor(loss_w),
+    )
+
+
+def _subject_mask(batch: _Batch, dtype: torch.dtype) -> Float[torch.Tensor, "batch pos 1"]:
+    mask = torch.zeros(batch.tokens.shape, dtype=dtype, device=batch.tokens.device)
+    mask[torch.arange(mask.shape[0]), batch.subject_last.to(mask.device)] = 1.0
+    return mask.unsqueeze(-1)
+
+
+def _keys_and_residual(
+    model: HookedTransformer, layer: int, batch: _Batch
+) -> tuple[Float[torch.Tensor, " d_mlp"], Float[torch.Tensor, "batch pos d_model"]]:
+    """k* (mean key at the last subject token of the value rows) and the residual entering L."""
+    hook = access.key_hook_name(layer)
+    resid_hook = access.resid_pre_hook_name(layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            batch.tokens,
+            names_filter=lambda name: name in (hook, resid_hook),
+            stop_at_layer=layer + 1,
+            attention_mask=torch.ones_like(batch.tokens),
+        )
+    rows = torch.arange(batch.n_value)
+    keys = cache[hook][rows, batch.subject_last[: batch.n_value].to(cache[hook].device)]
+    return keys.mean(0), cache[resid_hook]
+
+
+def _nll_and_kl(
+    model: HookedTransformer,
+    batch: _Batch,
+    logp_loss: Float[torch.Tensor, "n_loss d_vocab"],
+    logp_kl: Float[torch.Tensor, "n_kl d_vocab"],
+    init_kl: Float[torch.Tensor, "n_kl d_vocab"] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = batch.loss_targets.to(logp_loss.device)
+    token_lp = logp_loss.gather(-1, targets[:, None])[:, 0]
+    weights = batch.loss_weights.to(logp_loss.device)
+    nll = -(token_lp * weights).sum() / batch.n_value
+    if init_kl is None:
+        kl = torch.zeros((), device=logp_loss.device)
+    else:
+        kl = (init_kl.exp() * (init_kl - logp_kl)).sum(-1).mean()
+    return nll, kl
+
+
+def compute_value_delta(
+    model: HookedTransformer,
+    layer: int,
+    batch: _Batch,
+    v_orig: Float[torch.Tensor, " d_model"],
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    hparams: RomeHyperParams,
+    fast: bool = True,
+) -> tuple[Float[torch.Tensor, " d_model"], list[float]]:
+    """Optimise delta (added to the raw MLP output at the last subject tokens).
+
+    Args:
+        model: the model (not modified).
+        layer: edit layer.
+        batch: value and KL prompts.
+        v_orig: MLP output at k*, the scale of the clamp and weight decay.
+        resid: residual entering ``layer`` for every row of ``batch`` (used when ``fast``).
+        hparams: optimisation settings.
+        fast: run only blocks ``layer..`` and decode only the loss positions; ``False`` runs
+            the naive loop (full forward passes, full-vocabulary logits everywhere).
+
+    Returns:
+        ``(delta, losses)``: the optimised delta and the total loss at each step.
+
+    Raises:
+        NonFiniteError: if the loss becomes NaN or infinite.
+    """
+    device = resid.device
+    delta = torch.zeros_like(v_orig, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    mask = _subject_mask(batch, v_orig.dtype)
+    max_norm = hparams.clamp_norm_factor * v_orig.norm()
+    kl_rows = torch.arange(batch.n_value, batch.tokens.shape[0], device=device)
+    kl_pos = batch.subject_last[batch.n_value :].to(device)
+    loss_rows = batch.loss_rows.to(device)
+    loss_pos = batch.loss_positions.to(device)
+    init_kl: torch.Tensor | None = None
+    losses: list[float] = []
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        return out + mask * delta
+
+    for step in range(max(1, hparams.v_num_grad_steps)):
+        with access.raw_mlp_output_hook(model, layer, add_delta):
+            if fast:
+                final = access.run_blocks_from(model, resid, layer)
+                picked = final[torch.cat([loss_rows, kl_rows]), torch.cat([loss_pos, kl_pos])]
+                logp = access.decode_residual(model, picked).log_softmax(-1)
+            else:
+                logits = model(batch.tokens, attention_mask=torch.ones_like(batch.tokens))
+                logp_all = logits.log_softmax(-1)
+                logp = logp_all[
+                    torch.cat([loss_rows, kl_rows]), torch.cat([loss_pos, kl_pos])
+                ]
+        logp_loss, logp_kl = logp[: loss_rows.shape[0]], logp[loss_rows.shape[0] :]
+        if init_kl is None:
+            init_kl = logp_kl.detach().clone()
+        nll, kl = _nll_and_kl(model, batch, logp_loss, logp_kl, init_kl)
+        decay = hparams.v_weight_decay * delta.norm() / v_orig.norm() ** 2
+        loss = nll + hparams.kl_factor * kl + decay
+        value = float(loss.detach())
+        losses.append(value)
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteError(f"ROME value loss is not finite at step {step}: {value}")
+        logger.debug("v* step %d: loss %.4f (nll %.4f, kl %.4f)", step, value, nll, kl)
+        if value < hparams.early_stop_loss or step == hparams.v_num_grad_steps - 1:
+            break
+        (grad,) = torch.autograd.grad(loss, [delta])
+        delta.grad = grad
+        optimizer.step()
+        with torch.no_grad():
+            norm = delta.norm()
+            if norm > max_norm:
+                delta.mul_(max_norm / norm)
+    return delta.detach(), losses
+
+
+def compute_rome(
+    model: HookedTransformer,
+    request: EditRequest,
+    layer: int | None = None,
+    hparams: RomeHyperParams | None = None,
+    *,
+    stats: Float[torch.Tensor, "d_mlp d_mlp"] | None = None,
+    corpus: Corpus = None,
+    fast: bool = True,
+) -> RomeEdit:
+    """Compute a ROME edit for ``request``. The model is not modified.
+
+    Args:
+        model: a HookedTransformer (any weight processing; the edit records which weights).
+        request: the fact to rewrite.
+        layer: block to edit; ``None`` uses ``hparams.layer`` or the model's default
+            (:func:`~rome_lens.rome.hparams.default_hparams`).
+        hparams: hyperparameters (default: the model's defaults).
+        stats: a precomputed key second moment ``C`` for the layer (skips :func:`second_moment`).
+        corpus: statistics corpus when ``stats`` is not given (``None``: model samples).
+        fast: use the optimised value loop (``False``: the naive baseline).
+
+    Returns:
+        A :class:`RomeEdit`; apply it with ``edit.apply(model)`` or ``with edit.applied(model)``.
+
+    Raises:
+        InvalidRequestError: malformed request (empty target, target_new == target_true).
+        SubjectNotFoundError: the subject is not in the prompt.
+        LayerOutOfRangeError: ``layer`` outside the model.
+        PromptTooLongError: a prompt exceeds the context window.
+        NonFiniteError: NaN/inf in statistics, keys or the loss.
+
+    Example:
+        >>> edit = compute_rome(model, EditRequest("{} plays", "LeBron James", "soccer"))
+    """
+    if not isinstance(request, EditRequest):
+        raise InvalidRequestError(f"request must be an EditRequest, got {type(request).__name__}")
+    hparams = hparams or default_hparams(model)
+    if layer is None:
+        layer = hparams.layer if hparams.layer is not None else default_hparams(model).layer
+    assert layer is not None
+    layer = access.check_layer(model, layer)
+    hparams = replace(hparams, layer=layer)
+    # Validate the prompt, subject and target before any expensive work.
+    subject_start = request.template.index("{}")
+    subject_token_span(model, request.text, request.subject, char_start=subject_start)
+    target_tokens(model, request.target_new)
+    if request.target_true is not None:
+        target_tokens(model, request.target_true)
+    if stats is not None:
+        d_mlp = access.mlp_out_weight(model, layer).shape[0]
+        if tuple(stats.shape) != (d_mlp, d_mlp):
+            raise InvalidRequestError(f"stats must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}")
+        if not torch.isfinite(stats).all():
+            raise NonFiniteError("the given key statistics contain NaN or infinity")
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    templates = context_templates(model, hparams)
+    batch = _build_batch(model, request, templates, hparams)
+    k_star, resid = _keys_and_residual(model, layer, batch)
+    if not torch.isfinite(k_star).all():
+        raise NonFiniteError(f"the subject's key at layer {layer} is not finite")
+    timings["keys_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if stats is None:
+        stats = second_moment(model, layer, corpus=corpus, hparams=hparams)
+    timings["stats_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    weight = access.mlp_out_weight(model, layer).detach()
+    with torch.no_grad():
+        v_orig = access.mlp_value(model, layer, k_star)
+    delta, losses = compute_value_delta(model, layer, batch, v_orig, resid, hparams, fast=fast)
+    timings["value_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    left, right = rank_one_factors(stats, k_star, delta, hparams.mom2_ridge)
+    timings["update_s"] = time.perf_counter() - t0
+    edit = RomeEdit(
+        layer=layer,
+        left=left.to(weight.dtype),
+        right=right.to(weight.dtype),
+        k_star=k_star.detach().clone(),
+        v_star=(v_orig + delta).detach().clone(),
+        request=request,
+        hparams=hparams,
+        fingerprint=base_fingerprint(model),
+        model_name=access.model_label(model),
+        info={"losses": losses, "timings": timings, "mode": "fast" if fast else "naive"},
+    )
+    logger.info(
+        "ROME edit at layer %d: loss %.3f -> %.3f in %d steps", layer, losses[0], losses[-1],
+        len(losses),
+    )
+    return edit
+
+
+def rank_one_factors(
+    mom2: Float[torch.Tensor, "d_mlp d_mlp"],
+    k_star: Float[torch.Tensor, " d_mlp"],
+    residual: Float[torch.Tensor, " d_model"],
+    ridge: float = 0.0,
+) -> tuple[Float[torch.Tensor, " d_mlp"], Float[torch.Tensor, " d_model"]]:
+    """The rank-one update ``outer(left, right)`` that adds ``residual`` to the output at k*.
+
+    ``left = C^-1 k* / (k*^T C^-1 k*)`` so that ``k*^T left = 1``; ``right = residual``
+    (= v* - v(k*)). Solved in float64 with an optional ridge ``ridge * mean(diag(C))``.
+
+    Raises:
+        NonFiniteError: if the solve produces NaN/inf or ``k*^T C^-1 k*`` is not positive.
+    """
+    c = mom2.to(torch.float64)
+    if ridge > 0:
+        c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    k = k_star.to(c.device, torch.float64)
+    u = torch.linalg.solve(c, k)
+    denom = u @ k
+    if not torch.isfinite(u).all() or not torch.isfinite(denom) or denom <= 0:
+        raise NonFiniteError(
+            "C^-1 k* is not finite or k*^T C^-1 k* <= 0: the key statistics are degenerate"
+        )
+    left = (u / denom).to(k_star.device)
+    return left.float(), residual.detach().float()

@@ -1,0 +1,72 @@
+"""Seeded text sampling from a model (for context templates and the default statistics corpus).
+
+TransformerLens's ``generate`` draws from the global RNG; rome_lens needs samples that are a pure
+function of (model, seed), so that cached context templates and statistics are reproducible.
+This sampler uses a key-value cache and its own ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: HookedTransformer,
+    n_sequences: int,
+    length: int,
+    *,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> Int[torch.Tensor, "n_sequences length"]:
+    """Sample ``n_sequences`` continuations of BOS, each ``length`` tokens long (BOS excluded).
+
+    Args:
+        model: the model to sample from.
+        n_sequences: number of sequences.
+        length: tokens generated per sequence.
+        top_k: sample among the k most likely tokens (``None``: the full distribution).
+        temperature: softmax temperature.
+        seed: seed of the private generator (the result depends only on model and arguments).
+        batch_size: sequences sampled in parallel.
+        progress: show a tqdm progress bar.
+        desc: progress bar label.
+
+    Returns:
+        Token ids, without the leading BOS.
+    """
+    assert model.tokenizer is not None
+    bos = model.tokenizer.bos_token_id
+    if bos is None:
+        bos = model.tokenizer.eos_token_id
+    device = model.cfg.device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    chunks: list[torch.Tensor] = []
+    bar = tqdm(total=n_sequences * length, desc=desc, unit="tok", disable=not progress)
+    for first in range(0, n_sequences, batch_size):
+        batch = min(batch_size, n_sequences - first)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+        tokens = torch.full((batch, 1), int(bos), dtype=torch.long, device=device)
+        out = []
+        for _ in range(length):
+            logits = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
+            logits = logits[:, -1, :].float().cpu() / max(temperature, 1e-6)
+            if top_k is not None:
+                values, indices = logits.topk(top_k, dim=-1)
+                choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+                next_tok = indices.gather(-1, choice)
+            else:
+                next_tok = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            out.append(next_tok)
+            tokens = next_tok.to(device)
+            bar.update(batch)
+        chunks.append(torch.cat(out, dim=1))
+    bar.close()
+    return torch.cat(chunks, dim=0)

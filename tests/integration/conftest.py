@@ -1,0 +1,25 @@
+"""The embedded gemma-3-270m, loaded once per test session (converted and cached on first use).
+
+Integration tests use the normal cache (``$ROME_LENS_CACHE`` or ``~/.cache/rome_lens``) so the
+one-time conversion and key statistics are reused across runs on the same machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformer_lens import HookedTransformer
+
+import rome_lens
+
+
+@pytest.fixture(scope="session")
+def gemma() -> HookedTransformer:
+    return rome_lens.load_model()
+
+
+@pytest.fixture(scope="session")
+def eiffel_edit(gemma: HookedTransformer) -> rome_lens.RomeEdit:
+    request = rome_lens.EditRequest(
+        "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"
+    )
+    return rome_lens.compute_rome(gemma, request)
