@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check rome_lens tests benchmarks
+	$(BIN)/mypy rome_lens
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)

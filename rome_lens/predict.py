@@ -28,7 +28,7 @@ def top_tokens(model: HookedTransformer, prompt: str, k: int = 5) -> list[tuple[
     values, indices = logp.topk(k)
     assert model.tokenizer is not None
     return [
-        (model.tokenizer.decode([int(i)]), float(v.exp()))
+        (str(model.tokenizer.decode([int(i)])), float(v.exp()))
         for v, i in zip(values, indices, strict=True)
     ]
 

@@ -12,6 +12,8 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
+from rome_lens.errors import NonFiniteError
+
 
 @torch.no_grad()
 def sample_tokens(
@@ -58,6 +60,8 @@ def sample_tokens(
         for _ in range(length):
             logits = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
             logits = logits[:, -1, :].float().cpu() / max(temperature, 1e-6)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError("the model produces NaN or infinite logits; cannot sample")
             if top_k is not None:
                 values, indices = logits.topk(top_k, dim=-1)
                 choice = torch.multinomial(values.softmax(-1), 1, generator=generator)

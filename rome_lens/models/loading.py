@@ -205,7 +205,7 @@ def _read_safetensors_into(path: Path, params: dict[str, torch.nn.Parameter], en
             if param.dtype != torch.float32 or not param.is_contiguous():
                 raise RuntimeError(f"parameter {name} is not a contiguous float32 tensor")
             handle.seek(base + begin)
-            view = memoryview(param.detach().numpy()).cast("B")
+            view = memoryview(param.detach().numpy()).cast("B")  # type: ignore[arg-type]
             if handle.readinto(view) != end - begin:
                 raise RuntimeError(f"cached model file {path} is truncated at {name}")
 

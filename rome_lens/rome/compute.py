@@ -355,7 +355,12 @@ def rank_one_factors(
     if ridge > 0:
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     k = k_star.to(c.device, torch.float64)
-    u = torch.linalg.solve(c, k)
+    try:
+        u = torch.linalg.solve(c, k)
+    except torch.linalg.LinAlgError as exc:
+        raise NonFiniteError(
+            "the key statistics C are singular (use more statistics text or mom2_ridge > 0)"
+        ) from exc
     denom = u @ k
     if not torch.isfinite(u).all() or not torch.isfinite(denom) or denom <= 0:
         raise NonFiniteError(

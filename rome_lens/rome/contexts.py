@@ -53,7 +53,7 @@ def context_templates(model: HookedTransformer, hparams: RomeHyperParams) -> lis
             model, n, length, top_k=hparams.context_top_k, seed=hparams.seed + i, batch_size=n
         )
         for row in tokens:
-            text = model.tokenizer.decode(row, skip_special_tokens=True)
+            text = str(model.tokenizer.decode(row, skip_special_tokens=True))
             text = text.replace("{", " ").replace("}", " ")
             templates.append(f"{text}. {{}}")
     write_json(path, templates)

@@ -109,13 +109,20 @@ def _read_texts(corpus: str | Sequence[str | os.PathLike[str]]) -> list[str]:
     texts = []
     for item in items:
         path = Path(item)
-        if isinstance(item, os.PathLike) or (len(str(item)) < 4096 and path.is_file()):
+        if isinstance(item, os.PathLike) or _is_file(path):
             texts.append(path.read_text())
         else:
             texts.append(str(item))
     if not any(t.strip() for t in texts):
         raise RomeLensError("statistics corpus is empty")
     return texts
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a long text or one with NUL is not a path
+        return False
 
 
 def second_moment(

@@ -1,0 +1,42 @@
+"""The optimised value loop must give the same edit as the naive baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformer_lens import HookedTransformer
+
+import rome_lens
+from rome_lens.models import access
+
+
+def test_fast_and_naive_value_loops_agree(
+    model: HookedTransformer, hparams: rome_lens.RomeHyperParams
+) -> None:
+    request = rome_lens.EditRequest("{} is in the city of", "The big cat", "Rome")
+    stats = rome_lens.second_moment(model, 1, hparams=hparams)
+    fast = rome_lens.compute_rome(model, request, hparams=hparams, stats=stats, fast=True)
+    naive = rome_lens.compute_rome(model, request, hparams=hparams, stats=stats, fast=False)
+    assert fast.info["mode"] == "fast" and naive.info["mode"] == "naive"
+    assert len(fast.info["losses"]) == len(naive.info["losses"])
+    assert torch.allclose(
+        torch.tensor(fast.info["losses"]), torch.tensor(naive.info["losses"]), rtol=1e-4
+    )
+    assert torch.allclose(fast.right, naive.right, atol=1e-4 * naive.right.norm())
+    assert torch.allclose(fast.k_star, naive.k_star)
+
+
+def test_optimisation_reduces_loss_and_respects_clamp(
+    model: HookedTransformer, hparams: rome_lens.RomeHyperParams
+) -> None:
+    # A random model's MLP outputs are tiny: allow a large delta so the NLL can move.
+    hparams = dataclasses.replace(
+        hparams, clamp_norm_factor=100.0, v_num_grad_steps=15, v_weight_decay=0.0
+    )
+    request = rome_lens.EditRequest("{} is in the city of", "The big cat", "Rome")
+    edit = rome_lens.compute_rome(model, request, hparams=hparams)
+    losses = edit.info["losses"]
+    assert min(losses) < losses[0] - 1e-3
+    v_orig = access.mlp_value(model, edit.layer, edit.k_star)
+    assert edit.right.norm() <= hparams.clamp_norm_factor * v_orig.norm() * (1 + 1e-5)
