@@ -63,6 +63,29 @@ def resid_pre_hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
+def resid_post_hook_name(layer: int) -> str:
+    """Hook of the residual stream leaving block ``layer`` (the paper's hidden state h_l)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def mlp_out_hook_name(layer: int) -> str:
+    """Hook of what block ``layer``'s MLP adds to the residual stream (after any post-norm)."""
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def attn_out_hook_name(layer: int) -> str:
+    """Hook of what block ``layer``'s attention adds to the residual stream."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+EMBED_HOOK = "hook_embed"
+
+
+def embedding_matrix(model: HookedTransformer) -> Float[torch.Tensor, "d_vocab d_model"]:
+    """Token embedding matrix whose rows are what ``hook_embed`` emits."""
+    return model.W_E
+
+
 def mlp_out_weight(model: HookedTransformer, layer: int) -> nn.Parameter:
     """The MLP output projection of block ``layer``, laid out ``[d_mlp, d_model]``."""
     layer = check_layer(model, layer)

@@ -1,0 +1,54 @@
+"""Plots (matplotlib, imported lazily so the core never needs a display)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rome_lens.tracing.causal import CausalTraceResult
+
+_TITLES = {
+    "resid": "single restored layer (residual)",
+    "mlp": "restored MLP (window)",
+    "attn": "restored attention (window)",
+}
+_CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+def trace_heatmaps(
+    trace: CausalTraceResult, path: str | None = None, title: str | None = None
+) -> Any:
+    """The ROME paper's causal-trace heatmaps: p(answer) after restoring each state."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    kinds = list(trace.scores)
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(4.2 * len(kinds), 0.35 * len(trace.tokens) + 1.6), squeeze=False
+    )
+    labels = [
+        f"{tok}*" if trace.subject_span[0] <= i < trace.subject_span[1] else tok
+        for i, tok in enumerate(trace.tokens)
+    ]
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        grid = trace.scores[kind].T.numpy()  # [pos, layer]
+        im = ax.pcolormesh(grid, cmap=_CMAPS.get(kind, "viridis"), vmin=trace.p_corrupted)
+        ax.invert_yaxis()
+        ax.set_yticks([i + 0.5 for i in range(len(labels))])
+        ax.set_yticklabels(labels)
+        ax.set_xlabel("layer" if kind == "resid" else f"centre of {trace.window}-layer window")
+        ax.set_title(_TITLES.get(kind, kind), fontsize=10)
+        cbar = fig.colorbar(im, ax=ax)
+        cbar.set_label(f"p({trace.answer.strip()!s})")
+    fig.suptitle(
+        title
+        or f"{trace.prompt!r} -> {trace.answer!r}  (clean {trace.p_clean:.3f}, "
+        f"corrupted {trace.p_corrupted:.3f})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
