@@ -7,5 +7,13 @@ from rome_lens.tracing.causal import (
     embedding_std,
     restored_probability,
 )
+from rome_lens.tracing.patching import activation_patch
 
-__all__ = ["KINDS", "CausalTraceResult", "causal_trace", "embedding_std", "restored_probability"]
+__all__ = [
+    "KINDS",
+    "CausalTraceResult",
+    "activation_patch",
+    "causal_trace",
+    "embedding_std",
+    "restored_probability",
+]

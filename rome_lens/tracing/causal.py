@@ -236,29 +236,20 @@ def causal_trace(
         p_corrupted = float(_answer_probability(model, corrupt_final[:, -1], answer_id).mean())
 
     clean = {name: clean_cache[name][0] for name in hook_names}
-    scores: dict[str, torch.Tensor] = {}
-    for kind in kinds:
-        grid = torch.zeros(n_layers, n_tok)
-        for layer in range(n_layers):
-            layers = [layer] if kind == "resid" else _window(layer, window, n_layers)
-            names = [_HOOKS[kind](lyr) for lyr in layers]
-            if method == "reference":
-                for pos in range(n_tok):
-                    grid[layer, pos] = _reference_cell(
-                        model, batch, add_noise, names, clean, pos, answer_id
-                    )
-            else:
-                start = layers[0]
-                grid[layer] = _batched_layer(
-                    model,
-                    corrupt_cache[access.resid_pre_hook_name(start)],
-                    start,
-                    names,
-                    clean,
-                    answer_id,
-                    batch_size,
-                )
-        scores[kind] = grid
+    scores = _restoration_grids(
+        model,
+        kinds,
+        window,
+        clean,
+        corrupt_cache,
+        answer_id,
+        method,
+        batch_size,
+        reference_run=lambda hooks: model.run_with_hooks(
+            batch, fwd_hooks=[(access.EMBED_HOOK, add_noise), *hooks]
+        ),
+        n_tok=n_tok,
+    )
     assert model.tokenizer is not None
     return CausalTraceResult(
         prompt=prompt,
@@ -275,6 +266,64 @@ def causal_trace(
         window=window,
         method=method,
     )
+
+
+def _restoration_grids(
+    model: HookedTransformer,
+    kinds: Sequence[str],
+    window: int,
+    clean: dict[str, torch.Tensor],
+    corrupt_cache: Any,
+    answer_id: int,
+    method: str,
+    batch_size: int,
+    reference_run: Callable[[list[tuple[str, Callable[..., torch.Tensor]]]], torch.Tensor],
+    n_tok: int,
+) -> dict[str, torch.Tensor]:
+    """Restored p(answer) for every kind, layer (or window centre) and position.
+
+    ``corrupt_cache`` holds the corrupted run's ``hook_resid_pre`` of every layer (batched
+    method); ``reference_run(hooks)`` runs the corrupted input from scratch with extra hooks and
+    returns full logits (reference method).
+    """
+    n_layers = access.n_layers(model)
+    scores: dict[str, torch.Tensor] = {}
+    for kind in kinds:
+        grid = torch.zeros(n_layers, n_tok)
+        for layer in range(n_layers):
+            layers = [layer] if kind == "resid" else _window(layer, window, n_layers)
+            names = [_HOOKS[kind](lyr) for lyr in layers]
+            if method == "reference":
+                for pos in range(n_tok):
+                    with torch.no_grad():
+                        logits = reference_run(
+                            [(name, _fixed_patch(clean[name], pos)) for name in names]
+                        )
+                    grid[layer, pos] = float(logits[:, -1].softmax(-1)[:, answer_id].mean())
+            else:
+                grid[layer] = _batched_layer(
+                    model,
+                    corrupt_cache[access.resid_pre_hook_name(layers[0])],
+                    layers[0],
+                    names,
+                    clean,
+                    answer_id,
+                    batch_size,
+                )
+        scores[kind] = grid
+    return scores
+
+
+def _fixed_patch(
+    clean: Float[torch.Tensor, "pos d_model"], pos: int
+) -> Callable[..., torch.Tensor]:
+    """Hook that puts position ``pos`` of every row back to its clean value."""
+
+    def fn(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        act[:, pos] = clean[pos]
+        return act
+
+    return fn
 
 
 def _patch_hook(
@@ -316,25 +365,6 @@ def _batched_layer(
 
 
 @torch.no_grad()
-def _reference_cell(
-    model: HookedTransformer,
-    batch: Int[torch.Tensor, "samples pos"],
-    add_noise: Callable[..., torch.Tensor],
-    names: list[str],
-    clean: dict[str, torch.Tensor],
-    pos: int,
-    answer: int,
-) -> float:
-    """The plain way: one full forward pass (all logits) for one (layer, token) cell."""
-    row_pos = torch.full((batch.shape[0],), pos, device=batch.device)
-    hooks = [(access.EMBED_HOOK, add_noise)] + [
-        (name, _patch_hook(clean[name], row_pos)) for name in names
-    ]
-    logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-    return float(logits[:, -1].softmax(-1)[:, answer].mean())
-
-
-@torch.no_grad()
 def restored_probability(
     model: HookedTransformer,
     prompt: str,
@@ -372,9 +402,7 @@ def restored_probability(
     _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
     batch = tokens[None].expand(samples, -1)
     hooks: list[tuple[str, Callable[..., torch.Tensor]]] = [(access.EMBED_HOOK, add_noise)]
-    for name, pos in restore:
-        row_pos = torch.full((samples,), pos, device=batch.device)
-        hooks.append((name, _patch_hook(cache[name][0], row_pos)))
+    hooks += [(name, _fixed_patch(cache[name][0], pos)) for name, pos in restore]
     logits = model.run_with_hooks(batch, fwd_hooks=hooks)
     p = float(logits[:, -1].softmax(-1)[:, trace.answer_token].mean())
     return trace.p_clean, trace.p_corrupted, p

@@ -88,3 +88,25 @@ def test_bad_inputs(model: HookedTransformer) -> None:
         causal_trace(model, PROMPT, SUBJECT, kinds=("mlp", "bogus"))
     with pytest.raises(rome_lens.InvalidRequestError):
         causal_trace(model, PROMPT, SUBJECT, samples=0)
+
+
+def test_activation_patch_batched_equals_reference(model: HookedTransformer) -> None:
+    from rome_lens.tracing import activation_patch
+
+    clean, corrupt = "The big cat sat", "The red dog sat"
+    fast = activation_patch(model, clean, corrupt, window=2)
+    slow = activation_patch(model, clean, corrupt, window=2, method="reference")
+    assert fast.subject_span == (5, 12)  # "big cat" vs "red dog" after BOS + "The "
+    for kind in ("resid", "mlp", "attn"):
+        assert (fast.scores[kind] - slow.scores[kind]).abs().max() < 1e-5
+    # patching the whole last-layer residual at the last token recovers the clean run
+    assert float(fast.scores["resid"][-1, -1]) == pytest.approx(fast.p_clean, abs=1e-5)
+    # patching a position where the prompts agree, at layer 0's output, changes nothing
+    assert float(fast.scores["resid"][0, 1]) == pytest.approx(fast.p_corrupted, abs=1e-6)
+
+
+def test_activation_patch_needs_equal_lengths(model: HookedTransformer) -> None:
+    from rome_lens.tracing import activation_patch
+
+    with pytest.raises(rome_lens.InvalidRequestError, match="same number of tokens"):
+        activation_patch(model, "The big cat sat", "The dog sat")

@@ -1,0 +1,113 @@
+"""Activation patching between a fact prompt and a counterfactual prompt of the same length.
+
+Where causal tracing corrupts the subject with noise, activation patching corrupts it with
+another subject: run the *corrupt* prompt (e.g. "The Colosseum is located in the city of"),
+restore one state at a time from the *clean* prompt ("The Eiffel Tower is located in the city
+of") and measure p(answer of the clean prompt). This is ``transformer_lens.patching``'s
+technique restricted to the three state kinds of the ROME paper, computed with the same batched
+machinery as :func:`~rome_lens.tracing.causal_trace` (one corrupted run cached, restored runs
+batched, logits only at the last position), and returned as the same result value, with the
+same heatmaps and dataframe.
+
+Example:
+    >>> res = activation_patch(model, "The Eiffel Tower is located in the city of",
+    ...                        "The Colosseum is located in the city of", answer="Paris")
+    >>> res.plot()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from transformer_lens import HookedTransformer
+
+from rome_lens.errors import InvalidRequestError
+from rome_lens.models import access
+from rome_lens.requests import target_tokens
+from rome_lens.tracing.causal import _HOOKS, KINDS, CausalTraceResult, _restoration_grids
+
+
+@torch.no_grad()
+def activation_patch(
+    model: HookedTransformer,
+    clean_prompt: str,
+    corrupt_prompt: str,
+    answer: str | None = None,
+    kinds: Sequence[str] = KINDS,
+    window: int = 10,
+    method: Literal["batched", "reference"] = "batched",
+    batch_size: int = 256,
+) -> CausalTraceResult:
+    """Patch clean states into the corrupt prompt's run, one (layer, token) at a time.
+
+    Args:
+        model: the model (not modified).
+        clean_prompt: the prompt whose states are restored.
+        corrupt_prompt: the counterfactual prompt, same token length.
+        answer: measured answer (first token, leading space); ``None``: clean top-1.
+        kinds: state kinds (``"resid"``, ``"mlp"``, ``"attn"``).
+        window: layers patched together for mlp/attn.
+        method: ``"batched"`` or ``"reference"`` (one forward per cell).
+        batch_size: rows per batched forward.
+
+    Returns:
+        A :class:`~rome_lens.tracing.CausalTraceResult`: ``p_clean`` on the clean prompt,
+        ``p_corrupted`` on the corrupt one, ``subject_span`` covering the tokens that differ.
+
+    Raises:
+        InvalidRequestError: prompts of different token lengths, or an unknown kind.
+    """
+    if any(k not in _HOOKS for k in kinds):
+        raise InvalidRequestError(f"kinds must be among {KINDS}, got {list(kinds)}")
+    clean_tokens = access.to_tokens(model, clean_prompt).to(model.cfg.device)
+    corrupt_tokens = access.to_tokens(model, corrupt_prompt).to(model.cfg.device)
+    if clean_tokens.shape != corrupt_tokens.shape:
+        raise InvalidRequestError(
+            f"prompts must have the same number of tokens: clean has {clean_tokens.shape[0]}, "
+            f"corrupt has {corrupt_tokens.shape[0]} ({model.to_str_tokens(corrupt_tokens)})"
+        )
+    n_layers, n_tok = access.n_layers(model), int(clean_tokens.shape[0])
+    names = [_HOOKS[k](layer) for k in kinds for layer in range(n_layers)]
+    pre = {access.resid_pre_hook_name(layer) for layer in range(n_layers)}
+    clean_final, clean_cache = model.run_with_cache(
+        clean_tokens[None], names_filter=lambda n: n in names, stop_at_layer=n_layers
+    )
+    probs = access.decode_residual(model, clean_final[0, -1]).softmax(-1)
+    answer_id = int(probs.argmax()) if answer is None else int(target_tokens(model, answer)[0])
+    corrupt_final, corrupt_cache = model.run_with_cache(
+        corrupt_tokens[None], names_filter=lambda n: n in pre, stop_at_layer=n_layers
+    )
+    p_corrupt = access.decode_residual(model, corrupt_final[0, -1]).softmax(-1)[answer_id]
+    differ = (clean_tokens != corrupt_tokens).nonzero().flatten().tolist()
+    span = (differ[0], differ[-1] + 1) if differ else (0, 0)
+    scores = _restoration_grids(
+        model,
+        kinds,
+        window,
+        {name: clean_cache[name][0] for name in names},
+        corrupt_cache,
+        answer_id,
+        method,
+        batch_size,
+        reference_run=lambda hooks: model.run_with_hooks(corrupt_tokens[None], fwd_hooks=hooks),
+        n_tok=n_tok,
+    )
+    assert model.tokenizer is not None
+    return CausalTraceResult(
+        prompt=clean_prompt,
+        subject="".join(str(t) for t in model.to_str_tokens(clean_tokens[span[0] : span[1]])),
+        answer=str(model.tokenizer.decode([answer_id])),
+        answer_token=answer_id,
+        tokens=[str(t) for t in model.to_str_tokens(clean_tokens)],
+        subject_span=span,
+        p_clean=float(probs[answer_id]),
+        p_corrupted=float(p_corrupt),
+        scores=scores,
+        noise_std=0.0,
+        samples=1,
+        window=window,
+        method=method,
+        extra={"corrupt_prompt": corrupt_prompt},
+    )
