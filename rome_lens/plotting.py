@@ -52,3 +52,36 @@ def trace_heatmaps(
     if path:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def summary_heatmaps(summary: Any, path: str | None = None) -> Any:
+    """Average indirect effect by token class (rows) and layer (columns), one panel per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rome_lens.tracing.dataset import TOKEN_CLASSES
+
+    kinds = list(summary.effects)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        classes = [c for c in TOKEN_CLASSES if c in summary.effects[kind]]
+        grid = np.stack([summary.effects[kind][c].numpy() for c in classes])
+        im = ax.pcolormesh(grid, cmap=_CMAPS.get(kind, "viridis"))
+        ax.invert_yaxis()
+        ax.set_yticks([i + 0.5 for i in range(len(classes))])
+        ax.set_yticklabels(classes, fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_title(f"average indirect effect: {kind}", fontsize=10)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(
+        f"{summary.n_facts} facts: p clean {summary.p_clean:.3f}, "
+        f"corrupted {summary.p_corrupted:.3f}, total effect {summary.total_effect:.3f}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
