@@ -6,6 +6,7 @@ Commands:
   runs): Eiffel Tower -> Rome, checked on the prompt, a paraphrase and unrelated facts.
 * ``rome-lens edit --prompt ... --subject ... --target-new ... [--save FILE] [--json]``: one
   edit, its effect on the prompt, optionally saved.
+* ``rome-lens trace "PROMPT" --subject S [--out trace.png] [--json]``: causal trace.
 """
 
 from __future__ import annotations
@@ -120,6 +121,49 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Causal trace of one prompt; heatmaps to --out, numbers to stdout."""
+    import rome_lens
+    from rome_lens.tracing import causal_trace
+
+    model = rome_lens.load_model(args.model)
+    t0 = time.perf_counter()
+    trace = causal_trace(
+        model, args.prompt, args.subject, args.answer, kinds=tuple(args.kinds),
+        samples=args.samples, window=args.window, seed=args.seed,
+    )
+    secs = time.perf_counter() - t0
+    if args.out:
+        trace.plot(args.out)
+    summary = {
+        "prompt": trace.prompt,
+        "subject": trace.subject,
+        "answer": trace.answer,
+        "p_clean": trace.p_clean,
+        "p_corrupted": trace.p_corrupted,
+        "tokens": trace.tokens,
+        "subject_span": list(trace.subject_span),
+        "best_layer": {k: trace.best_layer(k) for k in trace.scores},
+        "indirect_effect": {k: trace.indirect_effect(k).tolist() for k in trace.scores},
+        "seconds": secs,
+        "plot": args.out,
+    }
+    if args.json:
+        _out(json.dumps(summary, indent=1))
+    else:
+        _out(f"{trace.prompt!r} -> {trace.answer!r}: p clean {trace.p_clean:.3f}, "
+             f"corrupted {trace.p_corrupted:.3f} ({secs:.1f}s)")
+        for kind in trace.scores:
+            ie = trace.indirect_effect(kind)
+            layer = trace.best_layer(kind)
+            _out(f"  {kind:5s}: strongest at the last subject token: layer {layer} "
+                 f"(IE {float(ie[layer, trace.last_subject_token]):.3f}); at the last token: "
+                 f"layer {int(ie[:, -1].argmax())} (IE {float(ie[:, -1].max()):.3f})")
+        if args.out:
+            _out(f"heatmaps written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rome-lens``."""
     parser = argparse.ArgumentParser(prog="rome-lens", description=__doc__.split("\n")[0])
@@ -141,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save", default=None, help="save the edit to this .safetensors file")
     edit.add_argument("--json", action="store_true", help="print JSON")
     edit.set_defaults(func=cmd_edit)
+    trace = sub.add_parser("trace", help="causal trace of a fact (heatmaps)")
+    trace.add_argument("prompt")
+    trace.add_argument("--subject", required=True)
+    trace.add_argument("--answer", default=None, help="default: the model's top-1 token")
+    trace.add_argument("--kinds", nargs="+", default=["resid", "mlp", "attn"])
+    trace.add_argument("--samples", type=int, default=10)
+    trace.add_argument("--window", type=int, default=10)
+    trace.add_argument("--seed", type=int, default=0)
+    trace.add_argument("--model", default=None)
+    trace.add_argument("--out", default=None, help="PNG file for the heatmaps")
+    trace.add_argument("--json", action="store_true")
+    trace.set_defaults(func=cmd_trace)
     return parser
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -241,7 +242,7 @@ def compute_value_delta(
 def compute_rome(
     model: HookedTransformer,
     request: EditRequest,
-    layer: int | None = None,
+    layer: int | Literal["auto"] | None = None,
     hparams: RomeHyperParams | None = None,
     *,
     stats: Float[torch.Tensor, "d_mlp d_mlp"] | None = None,
@@ -254,7 +255,9 @@ def compute_rome(
         model: a HookedTransformer (any weight processing; the edit records which weights).
         request: the fact to rewrite.
         layer: block to edit; ``None`` uses ``hparams.layer`` or the model's default
-            (:func:`~rome_lens.rome.hparams.default_hparams`).
+            (:func:`~rome_lens.rome.hparams.default_hparams`); ``"auto"`` runs an MLP causal
+            trace of the request and takes the layer of the strongest indirect effect at the
+            last subject token (recorded in ``edit.info["auto_layer"]``).
         hparams: hyperparameters (default: the model's defaults).
         stats: a precomputed key second moment ``C`` for the layer (skips :func:`second_moment`).
         corpus: statistics corpus when ``stats`` is not given (``None``: model samples).
@@ -276,9 +279,22 @@ def compute_rome(
     if not isinstance(request, EditRequest):
         raise InvalidRequestError(f"request must be an EditRequest, got {type(request).__name__}")
     hparams = hparams or default_hparams(model)
+    auto_info: dict[str, object] = {}
+    if layer == "auto":
+        from rome_lens.tracing import causal_trace
+
+        trace = causal_trace(
+            model, request.text, request.subject, request.target_true, kinds=("mlp",)
+        )
+        layer = trace.best_layer("mlp")
+        auto_info = {
+            "layer": layer,
+            "mlp_indirect_effect": trace.indirect_effect("mlp")[:, trace.last_subject_token]
+            .tolist(),
+        }
     if layer is None:
         layer = hparams.layer if hparams.layer is not None else default_hparams(model).layer
-    assert layer is not None
+    assert layer is not None and layer != "auto"
     layer = access.check_layer(model, layer)
     hparams = replace(hparams, layer=layer)
     # Validate the prompt, subject and target before any expensive work.
@@ -328,7 +344,8 @@ def compute_rome(
         hparams=hparams,
         fingerprint=base_fingerprint(model),
         model_name=access.model_label(model),
-        info={"losses": losses, "timings": timings, "mode": "fast" if fast else "naive"},
+        info={"losses": losses, "timings": timings, "mode": "fast" if fast else "naive"}
+        | ({"auto_layer": auto_info} if auto_info else {}),
     )
     logger.info(
         "ROME edit at layer %d: loss %.3f -> %.3f in %d steps", layer, losses[0], losses[-1],
