@@ -7,7 +7,7 @@ size of the statistics corpus) differs between models; :func:`default_hparams` l
 up by its exact TransformerLens name, never by substring.
 
 Example:
-    >>> hp = default_hparams(model)              # gemma-3-270m: layer 4
+    >>> hp = default_hparams(model)              # gemma-3-270m: layer 1
     >>> hp = dataclasses.replace(hp, layer=6, v_num_grad_steps=30)
 """
 
@@ -92,7 +92,7 @@ _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2-large": {"layer": 12},
     "gpt2-medium": {"layer": 8},
     "gpt-j-6B": {"layer": 5},
-    "gemma-3-270m": {"layer": 4},
+    "gemma-3-270m": {"layer": 1},
 }
 
 
