@@ -146,6 +146,24 @@ class CausalTraceResult:
         return trace_heatmaps(self, path=path, title=title)
 
 
+def _subject_noise_hook(
+    model: HookedTransformer, span: tuple[int, int], samples: int, std: float, seed: int
+) -> Callable[..., torch.Tensor]:
+    """``hook_embed`` hook adding seeded Gaussian noise (one draw per sample row) to the subject."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (samples, span[1] - span[0], int(model.cfg.d_model))
+    noise = (torch.randn(shape, generator=generator) * std).to(
+        device=model.cfg.device, dtype=model.cfg.dtype
+    )
+
+    def add_noise(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        act = act.clone()
+        act[:, span[0] : span[1]] += noise[: act.shape[0]]
+        return act
+
+    return add_noise
+
+
 def _answer_probability(
     model: HookedTransformer, last_resid: Float[torch.Tensor, "rows d_model"], answer: int
 ) -> Float[torch.Tensor, " rows"]:
@@ -204,16 +222,7 @@ def causal_trace(
     tokens = tokens.to(model.cfg.device)
     n_layers, n_tok = access.n_layers(model), int(tokens.shape[0])
     std = 3.0 * embedding_std(model) if noise is None else float(noise)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    d_model = int(model.cfg.d_model)
-    noise_t = (torch.randn(samples, span[1] - span[0], d_model, generator=generator) * std).to(
-        device=model.cfg.device, dtype=model.cfg.dtype
-    )
-
-    def add_noise(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        act = act.clone()
-        act[:, span[0] : span[1]] += noise_t[: act.shape[0]]
-        return act
+    add_noise = _subject_noise_hook(model, span, samples, std, seed)
 
     hook_names = [_HOOKS[k](layer) for k in kinds for layer in range(n_layers)]
     with torch.no_grad():
@@ -387,16 +396,7 @@ def restored_probability(
                          noise=noise, seed=seed)
     tokens, span = subject_token_span(model, prompt, subject)
     tokens = tokens.to(model.cfg.device)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise_t = (
-        torch.randn(samples, span[1] - span[0], int(model.cfg.d_model), generator=generator)
-        * trace.noise_std
-    ).to(device=model.cfg.device, dtype=model.cfg.dtype)
-
-    def add_noise(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        act = act.clone()
-        act[:, span[0] : span[1]] += noise_t
-        return act
+    add_noise = _subject_noise_hook(model, span, samples, trace.noise_std, seed)
 
     names = sorted({name for name, _ in restore})
     _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
