@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from transformer_lens import HookedTransformer
 
@@ -11,20 +12,30 @@ import rome_lens
 from rome_lens.models import access
 
 
+@pytest.mark.parametrize("loop", ["prefix_cache", "residual"])
 def test_fast_and_naive_value_loops_agree(
-    model: HookedTransformer, hparams: rome_lens.RomeHyperParams
+    model: HookedTransformer, hparams: rome_lens.RomeHyperParams, loop: str
 ) -> None:
-    request = rome_lens.EditRequest("{} is in the city of", "The big cat", "Rome")
+    # Multi-token target (teacher forcing) and subjects at different depths in each context.
+    request = rome_lens.EditRequest("{} is in the city of", "The big cat", "Rome Italy")
     stats = rome_lens.second_moment(model, 1, hparams=hparams)
-    fast = rome_lens.compute_rome(model, request, hparams=hparams, stats=stats, fast=True)
-    naive = rome_lens.compute_rome(model, request, hparams=hparams, stats=stats, fast=False)
-    assert fast.info["mode"] == "fast" and naive.info["mode"] == "naive"
+    fast = rome_lens.compute_rome(model, request, hparams=hparams, stats=stats, loop=loop)
+    naive = rome_lens.compute_rome(model, request, hparams=hparams, stats=stats, loop="naive")
+    assert fast.info["loop"] == loop and naive.info["loop"] == "naive"
     assert len(fast.info["losses"]) == len(naive.info["losses"])
     assert torch.allclose(
         torch.tensor(fast.info["losses"]), torch.tensor(naive.info["losses"]), rtol=1e-4
     )
     assert torch.allclose(fast.right, naive.right, atol=1e-4 * naive.right.norm())
     assert torch.allclose(fast.k_star, naive.k_star)
+
+
+def test_unknown_loop_is_refused(
+    model: HookedTransformer, hparams: rome_lens.RomeHyperParams
+) -> None:
+    request = rome_lens.EditRequest("{} is in the city of", "The big cat", "Rome")
+    with pytest.raises(rome_lens.InvalidRequestError, match="loop"):
+        rome_lens.compute_rome(model, request, hparams=hparams, loop="fastest")  # type: ignore[arg-type]
 
 
 def test_optimisation_reduces_loss_and_respects_clamp(
