@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -41,6 +41,7 @@ from rome_lens.requests import subject_token_span, target_tokens
 logger = logging.getLogger(__name__)
 
 Kind = Literal["resid", "mlp", "attn"]
+Hook = tuple[str | Callable[..., Any], Callable[..., Any]]
 KINDS: tuple[Kind, ...] = ("resid", "mlp", "attn")
 _HOOKS: dict[str, Callable[[int], str]] = {
     "resid": access.resid_post_hook_name,
@@ -242,7 +243,8 @@ def causal_trace(
             corrupt_final, corrupt_cache = model.run_with_cache(
                 batch, names_filter=lambda n: n in pre_names, stop_at_layer=n_layers
             )
-        p_corrupted = float(_answer_probability(model, corrupt_final[:, -1], answer_id).mean())
+        corrupt_last = cast(torch.Tensor, corrupt_final)[:, -1]
+        p_corrupted = float(_answer_probability(model, corrupt_last, answer_id).mean())
 
     clean = {name: clean_cache[name][0] for name in hook_names}
     scores = _restoration_grids(
@@ -286,7 +288,7 @@ def _restoration_grids(
     answer_id: int,
     method: str,
     batch_size: int,
-    reference_run: Callable[[list[tuple[str, Callable[..., torch.Tensor]]]], torch.Tensor],
+    reference_run: Callable[[list[Hook]], torch.Tensor],
     n_tok: int,
 ) -> dict[str, torch.Tensor]:
     """Restored p(answer) for every kind, layer (or window centre) and position.
@@ -366,7 +368,7 @@ def _batched_layer(
     for first in range(0, resid.shape[0], batch_size):
         chunk = resid[first : first + batch_size]
         row_pos = positions[first : first + batch_size]
-        hooks = [(name, _patch_hook(clean[name], row_pos)) for name in names]
+        hooks: list[Hook] = [(name, _patch_hook(clean[name], row_pos)) for name in names]
         with model.hooks(fwd_hooks=hooks):
             final = access.run_blocks_from(model, chunk, start)
         probs.append(_answer_probability(model, final[:, -1], answer))
@@ -401,7 +403,7 @@ def restored_probability(
     names = sorted({name for name, _ in restore})
     _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
     batch = tokens[None].expand(samples, -1)
-    hooks: list[tuple[str, Callable[..., torch.Tensor]]] = [(access.EMBED_HOOK, add_noise)]
+    hooks: list[Hook] = [(access.EMBED_HOOK, add_noise)]
     hooks += [(name, _fixed_patch(cache[name][0], pos)) for name, pos in restore]
     logits = model.run_with_hooks(batch, fwd_hooks=hooks)
     p = float(logits[:, -1].softmax(-1)[:, trace.answer_token].mean())

@@ -205,8 +205,8 @@ def trace_dataset(
     if path is not None and path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
-                rec = json.loads(line)
-                done[rec["key"]] = rec
+                row = json.loads(line)
+                done[row["key"]] = row
     sink = path.open("a") if path is not None else None
     try:
         for fact in tqdm(facts, desc="tracing facts", disable=not progress):

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformer_lens import HookedTransformer
@@ -74,12 +74,13 @@ def activation_patch(
     clean_final, clean_cache = model.run_with_cache(
         clean_tokens[None], names_filter=lambda n: n in names, stop_at_layer=n_layers
     )
-    probs = access.decode_residual(model, clean_final[0, -1]).softmax(-1)
+    probs = access.decode_residual(model, cast(torch.Tensor, clean_final)[0, -1]).softmax(-1)
     answer_id = int(probs.argmax()) if answer is None else int(target_tokens(model, answer)[0])
     corrupt_final, corrupt_cache = model.run_with_cache(
         corrupt_tokens[None], names_filter=lambda n: n in pre, stop_at_layer=n_layers
     )
-    p_corrupt = access.decode_residual(model, corrupt_final[0, -1]).softmax(-1)[answer_id]
+    corrupt_last = cast(torch.Tensor, corrupt_final)[0, -1]
+    p_corrupt = access.decode_residual(model, corrupt_last).softmax(-1)[answer_id]
     differ = (clean_tokens != corrupt_tokens).nonzero().flatten().tolist()
     span = (differ[0], differ[-1] + 1) if differ else (0, 0)
     scores = _restoration_grids(
@@ -91,7 +92,9 @@ def activation_patch(
         answer_id,
         method,
         batch_size,
-        reference_run=lambda hooks: model.run_with_hooks(corrupt_tokens[None], fwd_hooks=hooks),
+        reference_run=lambda hooks: model.run_with_hooks(
+            corrupt_tokens[None], fwd_hooks=list(hooks)
+        ),
         n_tok=n_tok,
     )
     assert model.tokenizer is not None
