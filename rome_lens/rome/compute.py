@@ -131,25 +131,28 @@ def _subject_mask(batch: _Batch, dtype: torch.dtype) -> Float[torch.Tensor, "bat
 
 
 def _keys_and_residual(
-    model: HookedTransformer, layer: int, batch: _Batch
-) -> tuple[Float[torch.Tensor, " d_mlp"], Float[torch.Tensor, "batch pos d_model"]]:
-    """k* (mean key at the last subject token of the value rows) and the residual entering L."""
+    model: HookedTransformer, layer: int, batch: _Batch, keep_residual: bool
+) -> tuple[Float[torch.Tensor, " d_mlp"], Float[torch.Tensor, "batch pos d_model"] | None]:
+    """k* (mean key at the last subject token of the value rows), and the residual entering L.
+
+    One forward pass serves both; the residual is kept only when ``keep_residual``.
+    """
     hook = access.key_hook_name(layer)
     resid_hook = access.resid_pre_hook_name(layer)
+    wanted = (hook, resid_hook) if keep_residual else (hook,)
     with torch.no_grad():
         _, cache = model.run_with_cache(
             batch.tokens,
-            names_filter=lambda name: name in (hook, resid_hook),
+            names_filter=lambda name: name in wanted,
             stop_at_layer=layer + 1,
             attention_mask=torch.ones_like(batch.tokens),
         )
     rows = torch.arange(batch.n_value)
     keys = cache[hook][rows, batch.subject_last[: batch.n_value].to(cache[hook].device)]
-    return keys.mean(0), cache[resid_hook]
+    return keys.mean(0), cache[resid_hook] if keep_residual else None
 
 
 def _nll_and_kl(
-    model: HookedTransformer,
     batch: _Batch,
     logp_loss: Float[torch.Tensor, "n_loss d_vocab"],
     logp_kl: Float[torch.Tensor, "n_kl d_vocab"],
@@ -313,7 +316,7 @@ def compute_value_delta(
         logp_loss, logp_kl = logp[:n_loss], logp[n_loss:]
         if init_kl is None:
             init_kl = logp_kl.detach().clone()
-        nll, kl = _nll_and_kl(model, batch, logp_loss, logp_kl, init_kl)
+        nll, kl = _nll_and_kl(batch, logp_loss, logp_kl, init_kl)
         decay = hparams.v_weight_decay * delta.norm() / v_orig.norm() ** 2
         loss = nll + hparams.kl_factor * kl + decay
         value = float(loss.detach())
@@ -415,7 +418,7 @@ def compute_rome(
     t0 = time.perf_counter()
     templates = context_templates(model, hparams)
     batch = _build_batch(model, request, templates, hparams)
-    k_star, resid = _keys_and_residual(model, layer, batch)
+    k_star, resid = _keys_and_residual(model, layer, batch, keep_residual=loop == "residual")
     if not torch.isfinite(k_star).all():
         raise NonFiniteError(f"the subject's key at layer {layer} is not finite")
     timings["keys_s"] = time.perf_counter() - t0
@@ -433,6 +436,7 @@ def compute_rome(
     if loop == "prefix_cache":
         forward = _PrefixCacheForward(model, layer, batch)
     elif loop == "residual":
+        assert resid is not None
         forward = _ResidualForward(model, layer, batch, resid)
     elif loop == "naive":
         forward = _NaiveForward(model, batch, v_orig.dtype)
