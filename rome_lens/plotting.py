@@ -42,16 +42,13 @@ def trace_heatmaps(
         ax.set_title(_TITLES.get(kind, kind), fontsize=10)
         cbar = fig.colorbar(im, ax=ax)
         cbar.set_label(f"p({trace.answer.strip()!s})")
-    fig.suptitle(
+    return _finish(
+        fig,
         title
         or f"{trace.prompt!r} -> {trace.answer!r}  (clean {trace.p_clean:.3f}, "
         f"corrupted {trace.p_corrupted:.3f})",
-        fontsize=10,
+        path,
     )
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
 
 
 def summary_heatmaps(summary: Any, path: str | None = None) -> Any:
@@ -76,11 +73,17 @@ def summary_heatmaps(summary: Any, path: str | None = None) -> Any:
         ax.set_xlabel("layer")
         ax.set_title(f"average indirect effect: {kind}", fontsize=10)
         fig.colorbar(im, ax=ax)
-    fig.suptitle(
+    return _finish(
+        fig,
         f"{summary.n_facts} facts: p clean {summary.p_clean:.3f}, "
         f"corrupted {summary.p_corrupted:.3f}, total effect {summary.total_effect:.3f}",
-        fontsize=10,
+        path,
     )
+
+
+def _finish(fig: Any, title: str, path: str | None) -> Any:
+    """Title, layout and optional save, shared by every figure."""
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120)
