@@ -238,13 +238,8 @@ def causal_trace(
             answer_id = int(target_tokens(model, answer)[0])
         p_clean = float(clean_logp[answer_id])
         batch = tokens[None].expand(samples, n_tok)
-        pre_names = {access.resid_pre_hook_name(layer) for layer in range(n_layers)}
-        with model.hooks(fwd_hooks=[(access.EMBED_HOOK, add_noise)]):
-            corrupt_final, corrupt_cache = model.run_with_cache(
-                batch, names_filter=lambda n: n in pre_names, stop_at_layer=n_layers
-            )
-        corrupt_last = cast(torch.Tensor, corrupt_final)[:, -1]
-        p_corrupted = float(_answer_probability(model, corrupt_last, answer_id).mean())
+        corrupted = CorruptedRun.record(model, batch, [(access.EMBED_HOOK, add_noise)], span[0])
+        p_corrupted = float(_answer_probability(model, corrupted.final_last, answer_id).mean())
 
     clean = {name: clean_cache[name][0] for name in hook_names}
     scores = _restoration_grids(
@@ -252,7 +247,7 @@ def causal_trace(
         kinds,
         window,
         clean,
-        corrupt_cache,
+        corrupted,
         answer_id,
         method,
         batch_size,
@@ -279,12 +274,76 @@ def causal_trace(
     )
 
 
+@dataclass
+class CorruptedRun:
+    """The corrupted run, recorded once: what every restored run shares.
+
+    Attributes:
+        resid_pre: ``hook_resid_pre`` of every layer, each ``[rows, pos, d_model]``.
+        keys: per-layer attention keys ``[rows, pos, kv_heads, d_head]`` (as cached by
+            TransformerLens, before any positional rotation).
+        values: per-layer attention values, same shape.
+        final_last: the last block's output at the last position, ``[rows, d_model]``.
+        first_changed: first position whose input differs from the clean run. States before it
+            are identical in the clean and corrupted runs, so restoring them changes nothing.
+    """
+
+    resid_pre: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    final_last: Float[torch.Tensor, "rows d_model"]
+    first_changed: int
+
+    @classmethod
+    @torch.no_grad()
+    def record(
+        cls,
+        model: HookedTransformer,
+        tokens: Int[torch.Tensor, "rows pos"],
+        hooks: list[Hook],
+        first_changed: int,
+    ) -> CorruptedRun:
+        """Run ``tokens`` with ``hooks`` (e.g. the noise) and keep residuals, keys and values."""
+        from transformer_lens import TransformerLensKeyValueCache
+
+        n_layers = access.n_layers(model)
+        names = {access.resid_pre_hook_name(layer) for layer in range(n_layers)}
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
+        with model.hooks(fwd_hooks=hooks):
+            final, cache = model.run_with_cache(
+                tokens, names_filter=lambda n: n in names, stop_at_layer=n_layers,
+                past_kv_cache=kv,
+            )
+        return cls(
+            resid_pre=[cache[access.resid_pre_hook_name(layer)] for layer in range(n_layers)],
+            keys=[entry.past_keys for entry in kv.entries],
+            values=[entry.past_values for entry in kv.entries],
+            final_last=cast(torch.Tensor, final)[:, -1],
+            first_changed=first_changed,
+        )
+
+    def prefix_cache(self, pos: int, rows: slice | torch.Tensor) -> Any:
+        """A frozen key-value cache holding positions ``[0, pos)`` of ``rows``."""
+        from transformer_lens import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import (
+            TransformerLensKeyValueCacheEntry,
+        )
+
+        entries = [
+            TransformerLensKeyValueCacheEntry(k[rows, :pos], v[rows, :pos], frozen=True)
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+        n_rows = entries[0].past_keys.shape[0]
+        mask = torch.ones(n_rows, pos, dtype=torch.int, device=self.keys[0].device)
+        return TransformerLensKeyValueCache(entries, mask, frozen=True)
+
+
 def _restoration_grids(
     model: HookedTransformer,
     kinds: Sequence[str],
     window: int,
     clean: dict[str, torch.Tensor],
-    corrupt_cache: Any,
+    corrupted: CorruptedRun,
     answer_id: int,
     method: str,
     batch_size: int,
@@ -293,9 +352,8 @@ def _restoration_grids(
 ) -> dict[str, torch.Tensor]:
     """Restored p(answer) for every kind, layer (or window centre) and position.
 
-    ``corrupt_cache`` holds the corrupted run's ``hook_resid_pre`` of every layer (batched
-    method); ``reference_run(hooks)`` runs the corrupted input from scratch with extra hooks and
-    returns full logits (reference method).
+    ``corrupted`` is the recorded corrupted run (batched method); ``reference_run(hooks)`` runs
+    the corrupted input from scratch with extra hooks and returns full logits (reference method).
     """
     n_layers = access.n_layers(model)
     scores: dict[str, torch.Tensor] = {}
@@ -314,7 +372,7 @@ def _restoration_grids(
             else:
                 grid[layer] = _batched_layer(
                     model,
-                    corrupt_cache[access.resid_pre_hook_name(layers[0])],
+                    corrupted,
                     layers[0],
                     names,
                     clean,
@@ -338,41 +396,91 @@ def _fixed_patch(
 
 
 def _patch_hook(
-    clean: Float[torch.Tensor, "pos d_model"], row_pos: Int[torch.Tensor, " rows"]
+    clean: Float[torch.Tensor, "pos d_model"], row_pos: Int[torch.Tensor, " rows"], offset: int
 ) -> Callable[..., torch.Tensor]:
-    """Hook that puts each row's chosen position back to its clean value."""
+    """Hook that puts each row's chosen position back to its clean value.
+
+    ``row_pos`` are absolute positions; the activation starts at position ``offset``.
+    """
 
     def fn(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
         rows = torch.arange(act.shape[0], device=act.device)
-        act[rows, row_pos[: act.shape[0]]] = clean[row_pos[: act.shape[0]]]
+        act[rows, row_pos - offset] = clean[row_pos]
         return act
 
     return fn
 
 
+def _position_buckets(first: int, n_tok: int, buckets: int) -> list[tuple[int, int]]:
+    """Split positions ``[first, n_tok)`` into at most ``buckets`` runs, the later ones shorter.
+
+    A bucket ``[lo, hi)`` costs ``(hi - lo) x (n_tok - lo)`` token-rows, so cuts are placed to
+    roughly equalise that cost.
+    """
+    span = n_tok - first
+    if span <= 0:
+        return []
+    count = max(1, min(buckets, span))
+    cuts = [first]
+    for i in range(1, count):
+        # equal-area cuts of a triangle: more, shorter runs towards the end
+        cuts.append(first + round(span * (1 - ((count - i) / count) ** 0.5)))
+    cuts.append(n_tok)
+    cuts = sorted(set(cuts))
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
 @torch.no_grad()
 def _batched_layer(
     model: HookedTransformer,
-    corrupt_resid: Float[torch.Tensor, "samples pos d_model"],
+    corrupted: CorruptedRun,
     start: int,
     names: list[str],
     clean: dict[str, torch.Tensor],
     answer: int,
     batch_size: int,
+    buckets: int = 3,
 ) -> Float[torch.Tensor, " pos"]:
-    """p(answer) for restoring ``names`` at every position (all samples), starting at ``start``."""
-    samples, n_tok, _ = corrupt_resid.shape
-    positions = torch.arange(n_tok, device=corrupt_resid.device).repeat_interleave(samples)
-    resid = corrupt_resid.repeat(n_tok, 1, 1)  # row r = position r // samples, sample r % samples
-    probs = []
-    for first in range(0, resid.shape[0], batch_size):
-        chunk = resid[first : first + batch_size]
-        row_pos = positions[first : first + batch_size]
-        hooks: list[Hook] = [(name, _patch_hook(clean[name], row_pos)) for name in names]
-        with model.hooks(fwd_hooks=hooks):
-            final = access.run_blocks_from(model, chunk, start)
-        probs.append(_answer_probability(model, final[:, -1], answer))
-    return torch.cat(probs).reshape(n_tok, samples).mean(-1).cpu()
+    """p(answer) for restoring ``names`` at every position (all rows), starting at ``start``.
+
+    Restoring position ``t`` changes nothing before ``t``. Positions are grouped into a few
+    buckets ``[lo, hi)``; a bucket's runs take positions ``[0, lo)`` from the corrupted run's
+    frozen key-value cache and compute only ``[lo, n)`` through blocks ``start..``. Positions
+    before ``corrupted.first_changed`` hold clean states already, so their restored runs are
+    the corrupted run itself. Logits are decoded at the last position only, all rows at once.
+    """
+    resid = corrupted.resid_pre[start]
+    n_rows, n_tok, _ = resid.shape
+    p_corrupted = _answer_probability(model, corrupted.final_last, answer).mean()
+    out = torch.full((n_tok,), float(p_corrupted))
+    first_pos = max(0, corrupted.first_changed)
+    step = max(1, batch_size)
+    finals = []
+    for lo, hi in _position_buckets(first_pos, n_tok, buckets):
+        # row r restores position lo + r // n_rows in sample r % n_rows
+        row_pos = torch.arange(lo, hi, device=resid.device).repeat_interleave(n_rows)
+        sample = torch.arange(n_rows, device=resid.device).repeat(hi - lo)
+        for first in range(0, row_pos.shape[0], step):
+            pos_c, sample_c = row_pos[first : first + step], sample[first : first + step]
+            hooks: list[Hook] = [(n, _patch_hook(clean[n], pos_c, lo)) for n in names]
+            mask = torch.ones(pos_c.shape[0], n_tok, dtype=torch.int, device=resid.device)
+            with model.hooks(fwd_hooks=hooks):
+                final = model(
+                    resid[sample_c, lo:],
+                    start_at_layer=start,
+                    stop_at_layer=access.n_layers(model),
+                    past_kv_cache=corrupted.prefix_cache(lo, sample_c),
+                    attention_mask=mask,
+                )
+            finals.append(final[:, -1])
+    if finals:
+        last = torch.cat(finals)  # decoded together: the unembedding dominates small models
+        probs = torch.cat([
+            _answer_probability(model, last[i : i + step], answer)
+            for i in range(0, last.shape[0], step)
+        ])
+        out[first_pos:] = probs.reshape(n_tok - first_pos, n_rows).mean(-1).cpu()
+    return out
 
 
 @torch.no_grad()

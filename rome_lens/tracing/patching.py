@@ -26,7 +26,13 @@ from transformer_lens import HookedTransformer
 from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
 from rome_lens.requests import target_tokens
-from rome_lens.tracing.causal import _HOOKS, KINDS, CausalTraceResult, _restoration_grids
+from rome_lens.tracing.causal import (
+    _HOOKS,
+    KINDS,
+    CausalTraceResult,
+    CorruptedRun,
+    _restoration_grids,
+)
 
 
 @torch.no_grad()
@@ -70,25 +76,21 @@ def activation_patch(
         )
     n_layers, n_tok = access.n_layers(model), int(clean_tokens.shape[0])
     names = [_HOOKS[k](layer) for k in kinds for layer in range(n_layers)]
-    pre = {access.resid_pre_hook_name(layer) for layer in range(n_layers)}
     clean_final, clean_cache = model.run_with_cache(
         clean_tokens[None], names_filter=lambda n: n in names, stop_at_layer=n_layers
     )
     probs = access.decode_residual(model, cast(torch.Tensor, clean_final)[0, -1]).softmax(-1)
     answer_id = int(probs.argmax()) if answer is None else int(target_tokens(model, answer)[0])
-    corrupt_final, corrupt_cache = model.run_with_cache(
-        corrupt_tokens[None], names_filter=lambda n: n in pre, stop_at_layer=n_layers
-    )
-    corrupt_last = cast(torch.Tensor, corrupt_final)[0, -1]
-    p_corrupt = access.decode_residual(model, corrupt_last).softmax(-1)[answer_id]
     differ = (clean_tokens != corrupt_tokens).nonzero().flatten().tolist()
     span = (differ[0], differ[-1] + 1) if differ else (0, 0)
+    corrupted = CorruptedRun.record(model, corrupt_tokens[None], [], span[0] if differ else n_tok)
+    p_corrupt = access.decode_residual(model, corrupted.final_last[0]).softmax(-1)[answer_id]
     scores = _restoration_grids(
         model,
         kinds,
         window,
         {name: clean_cache[name][0] for name in names},
-        corrupt_cache,
+        corrupted,
         answer_id,
         method,
         batch_size,
