@@ -9,6 +9,7 @@ Example:
     ...     print(rome_lens.top_tokens(model, req.text))
 """
 
+from rome_lens.audit import ProbeReport, TunedLens, VerdictRule, probe_edit, tuned_lens
 from rome_lens.errors import (
     CorruptEditFileError,
     EditStateError,
@@ -33,6 +34,7 @@ from rome_lens.rome import (
     revert_all,
     second_moment,
 )
+from rome_lens.tracing import activation_patch, causal_trace, trace_dataset
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,9 @@ __all__ = [
     "CorruptEditFileError",
     "EditRequest",
     "EditStateError",
+    "ProbeReport",
+    "TunedLens",
+    "VerdictRule",
     "FingerprintMismatchError",
     "InvalidRequestError",
     "LayerOutOfRangeError",
@@ -50,13 +55,18 @@ __all__ = [
     "RomeHyperParams",
     "RomeLensError",
     "SubjectNotFoundError",
+    "activation_patch",
     "applied_edits",
+    "causal_trace",
     "compute_rome",
     "default_hparams",
     "load_edit",
     "load_model",
+    "probe_edit",
     "revert_all",
     "second_moment",
     "subject_token_span",
+    "trace_dataset",
+    "tuned_lens",
     "top_tokens",
 ]

@@ -88,3 +88,51 @@ def _finish(fig: Any, title: str, path: str | None) -> Any:
     if path:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def probe_ranks(report: Any, path: str | None = None, prompt_kind: str = "edit") -> Any:
+    """Rank of the old and new object by layer (log scale), pre vs post, at both positions.
+
+    One row of panels per lens, one column per position; the edit layer is marked.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.records if r["prompt_kind"] == prompt_kind]
+    index = min(r["prompt_index"] for r in rows)
+    rows = [r for r in rows if r["prompt_index"] == index]
+    lenses = sorted({r["lens"] for r in rows}, key=["logit", "tuned"].index)
+    positions = ["last_subject", "last"]
+    fig, axes = plt.subplots(
+        len(lenses), 2, figsize=(10, 3.2 * len(lenses)), squeeze=False, sharey=True
+    )
+    styles = {("old", "pre"): ("tab:blue", ":"), ("old", "post"): ("tab:blue", "-"),
+              ("new", "pre"): ("tab:red", ":"), ("new", "post"): ("tab:red", "-"),
+              ("old", "control"): ("tab:gray", "--")}
+    names = {"old": report.request.target_true, "new": report.request.target_new}
+    for i, lens in enumerate(lenses):
+        for j, pos in enumerate(positions):
+            ax = axes[i][j]
+            for (obj, cond), (color, ls) in styles.items():
+                pts = sorted((r["layer"], r["rank"]) for r in rows
+                             if r["lens"] == lens and r["position"] == pos
+                             and r["object"] == obj and r["condition"] == cond)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, ls=ls,
+                            marker="o", ms=3, label=f"{names[obj]} ({obj}, {cond})")
+            ax.axvline(report.layer, color="k", lw=0.8)
+            ax.axhline(report.rule.top_k, color="tab:green", lw=0.6, ls="--")
+            ax.set_yscale("log")
+            ax.invert_yaxis()
+            ax.set_xlabel("layer")
+            ax.set_ylabel("rank (1 = top)")
+            ax.set_title(f"{lens} lens, {pos.replace('_', ' ')} token", fontsize=9)
+    axes[0][1].legend(fontsize=7, loc="lower right")
+    return _finish(
+        fig,
+        f"{report.request.text!r}: {report.request.target_true} -> {report.request.target_new} "
+        f"at layer {report.layer}: {report.verdict}",
+        path,
+    )

@@ -29,16 +29,18 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 
 from rome_lens.corpus_types import Corpus
-from rome_lens.errors import InvalidRequestError, NonFiniteError
+from rome_lens.errors import InvalidRequestError, LayerOutOfRangeError, NonFiniteError
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
 from rome_lens.rome.contexts import context_templates
@@ -66,6 +68,7 @@ class _Batch:
     loss_positions: Int[torch.Tensor, " n_loss"]
     loss_targets: Int[torch.Tensor, " n_loss"]
     loss_weights: Float[torch.Tensor, " n_loss"]
+    loss_first: torch.Tensor  # bool [n_loss]: the entry reads the last prompt token
 
 
 def _build_batch(
@@ -73,8 +76,9 @@ def _build_batch(
     request: EditRequest,
     templates: list[str],
     hparams: RomeHyperParams,
+    target: str | None = None,
 ) -> _Batch:
-    new_ids = target_tokens(model, request.target_new).tolist()
+    new_ids = target_tokens(model, target or request.target_new).tolist()
     subject_offset = request.template.index("{}")
     rows: list[list[int]] = []
     subject_last: list[int] = []
@@ -82,6 +86,7 @@ def _build_batch(
     loss_pos: list[int] = []
     loss_tgt: list[int] = []
     loss_w: list[float] = []
+    loss_first: list[bool] = []
     for template in templates:
         prefix = template[: template.index("{}")]
         text = template.replace("{}", request.text)
@@ -95,6 +100,7 @@ def _build_batch(
             loss_pos.append(int(tokens.shape[0]) - 1 + j)
             loss_tgt.append(tok)
             loss_w.append(1.0 / len(new_ids))
+            loss_first.append(j == 0)
         rows.append(ids)
         subject_last.append(end - 1)
     n_value = len(rows)
@@ -121,6 +127,7 @@ def _build_batch(
         loss_positions=torch.tensor(loss_pos),
         loss_targets=torch.tensor(loss_tgt),
         loss_weights=torch.tensor(loss_w),
+        loss_first=torch.tensor(loss_first, dtype=torch.bool),
     )
 
 
@@ -157,11 +164,22 @@ def _nll_and_kl(
     logp_loss: Float[torch.Tensor, "n_loss d_vocab"],
     logp_kl: Float[torch.Tensor, "n_kl d_vocab"],
     init_kl: Float[torch.Tensor, "n_kl d_vocab"] | None,
+    objective: str = "insertion",
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective's term and the KL term.
+
+    ``insertion``: NLL of the new object. ``erasure``: ``-log(1 - p(original))`` (bounded,
+    zero when the original is gone). Weights average multi-token targets.
+    """
     targets = batch.loss_targets.to(logp_loss.device)
     token_lp = logp_loss.gather(-1, targets[:, None])[:, 0]
     weights = batch.loss_weights.to(logp_loss.device)
-    nll = -(token_lp * weights).sum() / batch.n_value
+    if objective == "insertion":
+        nll = -(token_lp * weights).sum() / batch.n_value
+    else:
+        # -log(1 - p), computed stably from log p
+        erase = -torch.log1p(-token_lp.exp().clamp(max=1 - 1e-6))
+        nll = (erase * weights).sum() / batch.n_value
     if init_kl is None:
         kl = torch.zeros((), device=logp_loss.device)
     else:
@@ -180,6 +198,8 @@ class _ValueForward:
     """
 
     mask: torch.Tensor
+    rows: torch.Tensor  # row and position of each picked entry (loss entries, then KL)
+    pos: torch.Tensor
 
     def __call__(self) -> Float[torch.Tensor, "rows d_vocab"]:
         raise NotImplementedError
@@ -282,6 +302,8 @@ def compute_value_delta(
     v_orig: Float[torch.Tensor, " d_model"],
     forward: _ValueForward,
     hparams: RomeHyperParams,
+    objective: str = "insertion",
+    entropy_layers: Sequence[int] = (),
 ) -> tuple[Float[torch.Tensor, " d_model"], list[float]]:
     """Optimise delta (added to the raw MLP output at the last subject tokens).
 
@@ -293,6 +315,9 @@ def compute_value_delta(
         forward: how each step's forward pass is computed (see ``loop`` of
             :func:`compute_rome`).
         hparams: optimisation settings.
+        objective: ``"insertion"``, ``"erasure"`` or ``"max_entropy"`` (see
+            :func:`compute_rome`).
+        entropy_layers: layers whose logit-lens entropy ``"max_entropy"`` maximises.
 
     Returns:
         ``(delta, losses)``: the optimised delta and the total loss at each step.
@@ -310,13 +335,26 @@ def compute_value_delta(
     def add_delta(out: torch.Tensor) -> torch.Tensor:
         return out + forward.mask * delta
 
+    captured: dict[int, torch.Tensor] = {}
+    capture_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+        (access.resid_post_hook_name(lyr), _capture(captured, lyr))
+        for lyr in (entropy_layers if objective == "max_entropy" else ())
+    ]
+    first_rows = forward.rows[:n_loss][batch.loss_first.to(forward.rows.device)]
+    first_pos = forward.pos[:n_loss][batch.loss_first.to(forward.pos.device)]
+
     for step in range(max(1, hparams.v_num_grad_steps)):
-        with access.raw_mlp_output_hook(model, layer, add_delta):
+        with access.raw_mlp_output_hook(model, layer, add_delta), model.hooks(capture_hooks):
             logp = forward()
         logp_loss, logp_kl = logp[:n_loss], logp[n_loss:]
         if init_kl is None:
             init_kl = logp_kl.detach().clone()
-        nll, kl = _nll_and_kl(batch, logp_loss, logp_kl, init_kl)
+        if objective == "max_entropy":
+            nll = _entropy_gap(model, [captured[lyr][first_rows, first_pos]
+                                       for lyr in entropy_layers])
+            kl = _nll_and_kl(batch, logp_loss, logp_kl, init_kl)[1]
+        else:
+            nll, kl = _nll_and_kl(batch, logp_loss, logp_kl, init_kl, objective)
         decay = hparams.v_weight_decay * delta.norm() / v_orig.norm() ** 2
         loss = nll + hparams.kl_factor * kl + decay
         value = float(loss.detach())
@@ -336,6 +374,35 @@ def compute_value_delta(
     return delta.detach(), losses
 
 
+def _capture(store: dict[int, torch.Tensor], layer: int) -> Callable[..., None]:
+    def fn(act: torch.Tensor, hook: object = None) -> None:
+        store[layer] = act
+
+    return fn
+
+
+def _entropy_gap(
+    model: HookedTransformer, states: list[Float[torch.Tensor, "rows d_model"]]
+) -> torch.Tensor:
+    """Mean over layers and rows of ``1 - H(logit lens) / log(V)`` (0 at maximum entropy)."""
+    h = torch.cat(states)
+    logp = access.decode_residual(model, h).log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return (1.0 - entropy / math.log(logp.shape[-1])).mean()
+
+
+Objective = Literal["insertion", "erasure", "max_entropy"]
+
+
+def default_entropy_layers(model: HookedTransformer, layer: int, count: int = 6) -> list[int]:
+    """Up to ``count`` evenly spaced layers from ``layer`` to the last (the last included)."""
+    last = access.n_layers(model) - 1
+    if last - layer + 1 <= count:
+        return list(range(layer, last + 1))
+    step = (last - layer) / (count - 1)
+    return sorted({round(layer + i * step) for i in range(count)})
+
+
 def compute_rome(
     model: HookedTransformer,
     request: EditRequest,
@@ -345,6 +412,8 @@ def compute_rome(
     stats: Float[torch.Tensor, "d_mlp d_mlp"] | None = None,
     corpus: Corpus = None,
     loop: ValueLoop = "prefix_cache",
+    objective: Objective = "insertion",
+    entropy_layers: Sequence[int] | None = None,
 ) -> RomeEdit:
     """Compute a ROME edit for ``request``. The model is not modified.
 
@@ -364,6 +433,13 @@ def compute_rome(
             on whole prompts from the fixed residual entering L), or ``"naive"`` (full forward
             passes with full-vocabulary logits everywhere: the reference implementation's cost,
             kept as the benchmark baseline). All three give the same edit up to float rounding.
+        objective: what the value v* optimises (Hase et al. 2023; Patil et al. 2023):
+            ``"insertion"`` (default, error injection: NLL of ``target_new``), ``"erasure"``
+            (Fact Erasure: ``-log(1 - p(target_true))``), or ``"max_entropy"`` (Patil et al.'s
+            defence: maximise the logit-lens entropy at the last prompt token over
+            ``entropy_layers``). The erasure objectives need ``target_true``.
+        entropy_layers: layers of the max-entropy objective (default
+            :func:`default_entropy_layers`: six layers from L to the last).
 
     Returns:
         A :class:`RomeEdit`; apply it with ``edit.apply(model)`` or ``with edit.applied(model)``.
@@ -382,6 +458,12 @@ def compute_rome(
         raise InvalidRequestError(f"request must be an EditRequest, got {type(request).__name__}")
     if loop not in ("prefix_cache", "residual", "naive"):
         raise InvalidRequestError(f"loop must be prefix_cache, residual or naive, got {loop!r}")
+    if objective not in ("insertion", "erasure", "max_entropy"):
+        raise InvalidRequestError(
+            f"objective must be insertion, erasure or max_entropy, got {objective!r}"
+        )
+    if objective != "insertion" and request.target_true is None:
+        raise InvalidRequestError(f"objective {objective!r} needs request.target_true")
     hparams = hparams or default_hparams(model)
     auto_info: dict[str, object] = {}
     if layer == "auto":
@@ -417,7 +499,15 @@ def compute_rome(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     templates = context_templates(model, hparams)
-    batch = _build_batch(model, request, templates, hparams)
+    target = request.target_new if objective == "insertion" else request.target_true
+    batch = _build_batch(model, request, templates, hparams, target)
+    if objective == "max_entropy":
+        entropy_layers = [
+            access.check_layer(model, lyr)
+            for lyr in (entropy_layers or default_entropy_layers(model, layer))
+        ]
+        if any(lyr < layer for lyr in entropy_layers):
+            raise LayerOutOfRangeError(f"entropy_layers must be >= the edit layer {layer}")
     k_star, resid = _keys_and_residual(model, layer, batch, keep_residual=loop == "residual")
     if not torch.isfinite(k_star).all():
         raise NonFiniteError(f"the subject's key at layer {layer} is not finite")
@@ -442,7 +532,9 @@ def compute_rome(
         forward = _NaiveForward(model, batch, v_orig.dtype)
     else:  # pragma: no cover - validated above
         raise AssertionError(loop)
-    delta, losses = compute_value_delta(model, layer, batch, v_orig, forward, hparams)
+    delta, losses = compute_value_delta(
+        model, layer, batch, v_orig, forward, hparams, objective, entropy_layers or ()
+    )
     del forward
     timings["value_s"] = time.perf_counter() - t0
 
@@ -459,7 +551,8 @@ def compute_rome(
         hparams=hparams,
         fingerprint=base_fingerprint(model),
         model_name=access.model_label(model),
-        info={"losses": losses, "timings": timings, "loop": loop}
+        info={"losses": losses, "timings": timings, "loop": loop, "objective": objective}
+        | ({"entropy_layers": list(entropy_layers or ())} if objective == "max_entropy" else {})
         | ({"auto_layer": auto_info} if auto_info else {}),
     )
     logger.info(
