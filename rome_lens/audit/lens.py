@@ -277,7 +277,28 @@ def _fit_kl(
         cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    losses = []
+    losses: list[float] = []
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # no gradients into the model (ln_final) while fitting the lens
+        p.requires_grad_(False)
+    try:
+        _adam_steps(model, states, final, idx_gen=gen, decode=decode, weight=weight, bias=bias,
+                    opt=opt, config=config, progress=progress, losses=losses)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    lens.weight[:-1] = weight.detach()
+    lens.bias[:-1] = bias.detach()
+    return losses
+
+
+def _adam_steps(
+    model: HookedTransformer, states: torch.Tensor, final: torch.Tensor, *,
+    idx_gen: torch.Generator, decode: Any, weight: torch.Tensor, bias: torch.Tensor,
+    opt: torch.optim.Optimizer, config: TunedLensConfig, progress: bool, losses: list[float],
+) -> None:
+    n_layers, n, _ = states.shape
+    gen = idx_gen
     for _ in tqdm(range(config.steps), desc="tuned lens", disable=not progress):
         idx = torch.randint(0, n, (min(config.batch_tokens, n),), generator=gen)
         with torch.no_grad():
@@ -291,9 +312,6 @@ def _fit_kl(
         kl.backward()
         opt.step()
         losses.append(float(kl.detach()))
-    lens.weight[:-1] = weight.detach()
-    lens.bias[:-1] = bias.detach()
-    return losses
 
 
 def tuned_lens(

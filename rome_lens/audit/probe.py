@@ -54,6 +54,7 @@ from rome_lens.audit.lens import TunedLens, logit_lens, tuned_lens
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
+from rome_lens.rome.compute import default_entropy_layers
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class ProbeReport:
     consistency: list[dict[str, Any]] = field(default_factory=list)
     output: dict[str, float] = field(default_factory=dict)
     prompts: dict[str, str] = field(default_factory=dict)
+    attack_layers: list[int] = field(default_factory=list)
 
     def to_dataframe(self) -> Any:
         """The evidence table (pandas, long format)."""
@@ -221,6 +223,7 @@ def _layer_states(
     return torch.stack([cache[n][:, positions] for n in names], dim=1)
 
 
+@torch.no_grad()
 def _decode(
     model: HookedTransformer, states: torch.Tensor, lens: str, tuned: TunedLens | None
 ) -> Float[torch.Tensor, "rows layer pos d_vocab"]:
@@ -283,6 +286,7 @@ def _budget_sets(
     return best
 
 
+@torch.no_grad()
 def _attacks(
     probs: Float[torch.Tensor, "layer d_vocab"],
     layers: Sequence[int],
@@ -338,8 +342,9 @@ def probe_edit(
             sampled with a different seed from the ones ROME optimised on).
         lenses: ``"logit"`` and/or ``"tuned"``.
         lens: the tuned lens (default: :func:`~rome_lens.audit.lens.tuned_lens`, cached).
-        attack_layers: layers attacked by Head Projection / Probability Delta (default: all
-            layers from L to the last).
+        attack_layers: layers attacked by Head Projection / Probability Delta (default: six
+            evenly spaced layers from L to the last, the layers the ``max_entropy`` objective
+            defends; with B = 20 each layer contributes its top 3).
         budgets: candidate-set sizes B of AttackSuccess@B.
         consistency: ``(prompt, answer under the old fact, answer under the new fact)``.
         rule: verdict thresholds.
@@ -437,8 +442,8 @@ def probe_edit(
     pre_edit = probs_by[("edit0", lenses[0], "pre")]
     output = {f"{c}_{o}": float(p[-1, 1, t]) for c, p in (("pre", pre_edit), ("post", post_edit))
               for o, t in objects.items()}
-    att_layers = list(attack_layers) if attack_layers is not None else list(
-        range(layer, n_layers))
+    att_layers = (list(attack_layers) if attack_layers is not None
+                  else default_entropy_layers(model, layer))
     if "logit" in lenses:
         attack_probs = probs_by[("edit0", "logit", "post")][:, 1]
     else:
@@ -453,6 +458,7 @@ def probe_edit(
     verdict = ERASURE if not decodable else (INSERTION if new_wins else PARTIAL)
     return ProbeReport(
         request=request, layer=layer, verdict=verdict, rule=rule, records=records,
+        attack_layers=att_layers,
         attacks=attacks, structural=structural, consistency=consist, output=output,
         prompts={f"{p.kind}{i}": p.text for i, p in enumerate(prompts)},
     )
