@@ -149,6 +149,8 @@ def main() -> int:
     lens_s = time.perf_counter() - t0
 
     eiffel: dict[str, Any] = {}
+    if args.skip_eiffel and args.out.exists():  # keep the Eiffel section of an earlier run
+        eiffel = json.loads(args.out.read_text()).get("eiffel", {})
     if not args.skip_eiffel:
         for objective in args.objectives:
             report, row = probe_one(model, EIFFEL, objective, lens, EIFFEL_PARAPHRASES,
