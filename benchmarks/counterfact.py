@@ -5,9 +5,12 @@ edit prompt), edits each with ROME at the given layer, scores it, reverts, and w
 the paper's format with 95% bootstrap confidence intervals. Per-record results are appended to a
 JSONL file as they come, so an interrupted run resumes where it stopped.
 
+Methods: ``none`` (unedited), ``rome``, ``ft-l`` (fine-tuning of the same W_out with an
+L-infinity bound); ``--generation`` adds fluency (n-gram entropy GE of seeded generations).
+
 Usage:
-    python benchmarks/counterfact.py --n 100 [--layer L] [--data PATH]
-        [--out benchmarks/results/counterfact.json]
+    python benchmarks/counterfact.py --n 200 [--method none rome ft-l] [--layer L]
+        [--generation] [--data PATH] [--json benchmarks/results/counterfact.json]
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
 from rome_lens import evaluation as ev  # noqa: E402
+from rome_lens.baselines import compute_ft_l  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-dev.json"
 PAPER_GPT2_XL = {
-    "unedited": {"S": 30.5, "ES": 22.2, "PS": 24.7, "NS": 78.1},
-    "ROME": {"S": 89.2, "ES": 100.0, "PS": 96.4, "NS": 75.4},
+    "unedited": {"S": 30.5, "ES": 22.2, "PS": 24.7, "NS": 78.1, "GE": 626.6},
+    "ROME": {"S": 89.2, "ES": 100.0, "PS": 96.4, "NS": 75.4, "GE": 621.9},
+    "FT-L": {"S": 66.9, "PS": 48.7},
 }
 
 
@@ -55,12 +60,52 @@ def table(scores: list[ev.RecordScores]) -> dict[str, object]:
     return {"summary": summary, "ci95": ci}
 
 
+METHODS = {"none": "unedited", "rome": "ROME", "ft-l": "FT-L"}
+
+
+def run_method(model, rec: ev.CounterFactRecord, method: str, layer: int, args) -> dict:
+    """Score one record under one method (edit, score, revert)."""
+    t0 = time.perf_counter()
+    if method == "none":
+        scores = ev.score_record(model, rec, args.generation, gen_tokens=args.gen_tokens)
+        scores.seconds = 0.0
+        return dataclasses.asdict(scores)
+    if method == "rome":
+        edit = rome_lens.compute_rome(model, rec.request, layer=layer)
+    else:
+        edit = compute_ft_l(model, rec.request, layer=layer)
+    seconds = time.perf_counter() - t0
+    with edit.applied(model):
+        scores = ev.score_record(model, rec, args.generation, gen_tokens=args.gen_tokens)
+    scores.seconds = seconds
+    return dataclasses.asdict(scores)
+
+
+def load_rows(path: Path, legacy: Path | None, method: str) -> dict[int, dict]:
+    """Rows already computed; the session-1 layout (before/after per line) is read too."""
+    done: dict[int, dict] = {}
+    if legacy is not None and legacy.exists() and method in ("none", "rome"):
+        for line in legacy.read_text().splitlines():
+            row = json.loads(line)
+            done[row["case_id"]] = row["before" if method == "none" else "after"]
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["case_id"]] = row
+    return done
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/counterfact.json"))
+    parser.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--generation", action="store_true",
+                        help="also generate (2 prompts x --gen-tokens) for fluency GE")
+    parser.add_argument("--gen-tokens", type=int, default=50)
+    parser.add_argument("--out", "--json", type=Path,
+                        default=Path("benchmarks/results/counterfact.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -68,50 +113,45 @@ def main() -> int:
     layer = args.layer if args.layer is not None else rome_lens.default_hparams(model).layer
     records = ev.load_counterfact(args.data)
     known = ev.known_records(model, records, args.n)
-    partial = args.out.with_suffix(f".L{layer}.jsonl")
-    done: dict[int, dict] = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            row = json.loads(line)
-            done[row["case_id"]] = row
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with partial.open("a") as sink:
-        for rec in tqdm(known, desc=f"CounterFact L{layer}"):
-            if rec.case_id in done:
-                continue
-            before = ev.score_record(model, rec)
-            t0 = time.perf_counter()
-            edit = rome_lens.compute_rome(model, rec.request, layer=layer)
-            seconds = time.perf_counter() - t0
-            with edit.applied(model):
-                after = ev.score_record(model, rec)
-            after.seconds = seconds
-            row = {"case_id": rec.case_id, "before": dataclasses.asdict(before),
-                   "after": dataclasses.asdict(after)}
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            done[rec.case_id] = row
-    rows = [done[r.case_id] for r in known]
-    before_scores = [ev.RecordScores(**r["before"]) for r in rows]
-    after_scores = [ev.RecordScores(**r["after"]) for r in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, object] = {}
+    medians: dict[str, float] = {}
+    for method in args.method:
+        tag = f"{method}{'-gen' if args.generation else ''}"
+        path = args.out.with_suffix(f".L{layer}.{tag}.jsonl")
+        legacy = None if args.generation else args.out.with_suffix(f".L{layer}.jsonl")
+        done = load_rows(path, legacy, method)
+        with path.open("a") as sink:
+            for rec in tqdm(known, desc=f"{METHODS[method]} L{layer}"):
+                if rec.case_id in done:
+                    continue
+                row = run_method(model, rec, method, layer, args)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                done[rec.case_id] = row
+        scores = [ev.RecordScores(**done[r.case_id]) for r in known]
+        tables[METHODS[method]] = table(scores)
+        if method != "none":
+            medians[METHODS[method]] = statistics.median(s.seconds for s in scores)
     result = {
         "benchmark": "counterfact",
         "model": rome_lens.DEFAULT_MODEL,
         "layer": layer,
-        "n_records": len(rows),
+        "n_records": len(known),
         "selection": f"first {args.n} records of {args.data.name} with p(true) > p(new) unedited",
-        "unedited": table(before_scores),
-        "ROME": table(after_scores),
+        "generation": {"enabled": args.generation, "tokens": args.gen_tokens,
+                       "prompts": "edit prompt + first paraphrase (flat layout has none)"},
+        **tables,
         "paper_gpt2_xl": PAPER_GPT2_XL,
-        "median_seconds_per_edit": statistics.median(s.seconds for s in after_scores),
+        "median_seconds_per_edit": medians,
         "provenance": provenance(seed=0),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    for name in ("unedited", "ROME"):
-        s = result[name]["summary"]
-        print(f"{name:9s} S {s['S']:5.1f}  ES {s['ES']:5.1f}  PS {s['PS']:5.1f}  NS {s['NS']:5.1f}"
-              f"  EM {s['EM']:5.1f}  PM {s['PM']:5.1f}  NM {s['NM']:5.1f}")
+    print(f"{'method':9s} {'S':>5s} {'ES':>5s} {'PS':>5s} {'NS':>5s} {'GE':>6s} {'s/edit':>6s}")
+    for name, tab in tables.items():
+        s = tab["summary"]  # type: ignore[index]
+        print(f"{name:9s} {s['S']:5.1f} {s['ES']:5.1f} {s['PS']:5.1f} {s['NS']:5.1f} "
+              f"{s['GE']:6.1f} {medians.get(name, 0.0):6.1f}")
     return 0
 
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ class CounterFactRecord:
     paraphrase_prompts: list[str]
     neighborhood_prompts: list[str]
     target_true: str
+    generation_prompts: list[str] = field(default_factory=list)
 
     @property
     def target_new(self) -> str:
@@ -88,6 +92,7 @@ def _from_nested(rec: dict[str, Any]) -> CounterFactRecord:
         paraphrase_prompts=list(rec.get("paraphrase_prompts", [])),
         neighborhood_prompts=list(rec.get("neighborhood_prompts", [])),
         target_true=true,
+        generation_prompts=list(rec.get("generation_prompts", [])),
     )
 
 
@@ -124,8 +129,6 @@ def prefers_new(model: HookedTransformer, prompt: str, new: str, true: str) -> t
     """
     lp_new = target_logprob(model, prompt, new)
     lp_true = target_logprob(model, prompt, true)
-    import math
-
     return lp_new > lp_true, math.exp(lp_new) - math.exp(lp_true)
 
 
@@ -141,15 +144,40 @@ class RecordScores:
     paraphrase_magnitude: list[float] = field(default_factory=list)
     neighborhood_magnitude: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    fluency: float | None = None
+    mentions_new: float | None = None
+    mentions_true: float | None = None
 
 
-def score_record(model: HookedTransformer, record: CounterFactRecord) -> RecordScores:
-    """Score one record on the model as it is now (edited or not)."""
+def score_record(
+    model: HookedTransformer,
+    record: CounterFactRecord,
+    generation: bool = False,
+    gen_prompts: int = 2,
+    gen_tokens: int = 50,
+) -> RecordScores:
+    """Score one record on the model as it is now (edited or not).
+
+    Args:
+        model: the model, edited or not.
+        record: the CounterFact case.
+        generation: also generate (seeded) and score fluency and mentions of the objects.
+        gen_prompts: generations per record: the record's generation prompts (original layout)
+            or else the edit prompt and its paraphrases (the flat layout has none).
+        gen_tokens: tokens per generation (the paper used 100).
+    """
     new, true = record.target_new, record.target_true
     es = [prefers_new(model, record.request.text, new, true)]
     ps = [prefers_new(model, p, new, true) for p in record.paraphrase_prompts]
     ns = [prefers_new(model, p, new, true) for p in record.neighborhood_prompts]
+    gen: dict[str, float] = {}
+    if generation:
+        prompts = record.generation_prompts or [record.request.text, *record.paraphrase_prompts]
+        gen = generation_metrics(model, prompts[:gen_prompts], new, true, n_tokens=gen_tokens)
     return RecordScores(
+        fluency=gen.get("fluency"),
+        mentions_new=gen.get("mentions_new"),
+        mentions_true=gen.get("mentions_true"),
         case_id=record.case_id,
         efficacy=[a for a, _ in es],
         paraphrase=[a for a, _ in ps],
@@ -158,6 +186,67 @@ def score_record(model: HookedTransformer, record: CounterFactRecord) -> RecordS
         paraphrase_magnitude=[m for _, m in ps],
         neighborhood_magnitude=[-m for _, m in ns],
     )
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def n_gram_entropy(
+    text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)
+) -> float:
+    """The ROME paper's fluency measure of one text: mean of weighted n-gram entropies (bits).
+
+    Words and punctuation are the units; the entropy of the empirical n-gram distribution is
+    taken for each n and multiplied by its weight, and the weighted values are averaged (the
+    paper's GE is this times 100, averaged over generations). Repetitive text scores low.
+
+    Example:
+        >>> n_gram_entropy("a b a b a b a b") < n_gram_entropy("the cat sat on a warm mat today")
+        True
+    """
+    words = _WORD.findall(text.lower())
+    values = []
+    for n, w in zip(ns, weights, strict=True):
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        if not grams:
+            values.append(0.0)
+            continue
+        counts = Counter(grams)
+        total = len(grams)
+        values.append(w * -sum(c / total * math.log2(c / total) for c in counts.values()))
+    return statistics.fmean(values)
+
+
+def generation_metrics(
+    model: HookedTransformer,
+    prompts: list[str],
+    target_new: str,
+    target_true: str | None = None,
+    n_tokens: int = 50,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fluency and a simple consistency check on seeded generations (top-k 5 sampling).
+
+    Returns:
+        ``{"fluency": mean n_gram_entropy, "mentions_new": fraction of generations that
+        mention target_new, "mentions_true": ... target_true}``.
+    """
+    from rome_lens.sampling import sample_tokens
+
+    texts = []
+    for i, prompt in enumerate(prompts):
+        ids = sample_tokens(model, 1, n_tokens, top_k=5, seed=seed + i, prompt=prompt)
+        texts.append(str(model.to_string(ids[0])))
+    def mentions(target: str | None) -> float:
+        if target is None:
+            return float("nan")
+        return statistics.fmean(target.strip().lower() in t.lower() for t in texts)
+
+    return {
+        "fluency": statistics.fmean(n_gram_entropy(t) for t in texts),
+        "mentions_new": mentions(target_new),
+        "mentions_true": mentions(target_true),
+    }
 
 
 def _mean_pct(values: list[list[bool]]) -> float:
@@ -191,8 +280,16 @@ def summarize(scores: list[RecordScores]) -> dict[str, float]:
         "EM": mag("efficacy_magnitude"),
         "PM": mag("paraphrase_magnitude"),
         "NM": mag("neighborhood_magnitude"),
+        "GE": _mean_opt([s.fluency for s in scores], 100.0),
+        "mentions_new": _mean_opt([s.mentions_new for s in scores], 100.0),
+        "mentions_true": _mean_opt([s.mentions_true for s in scores], 100.0),
         "seconds_per_edit": statistics.fmean([s.seconds for s in scores]) if scores else 0.0,
     }
+
+
+def _mean_opt(values: list[float | None], scale: float) -> float:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return scale * statistics.fmean(kept) if kept else float("nan")
 
 
 def known_records(

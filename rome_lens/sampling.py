@@ -27,8 +27,9 @@ def sample_tokens(
     batch_size: int = 32,
     progress: bool = False,
     desc: str = "sampling",
+    prompt: str | None = None,
 ) -> Int[torch.Tensor, "n_sequences length"]:
-    """Sample ``n_sequences`` continuations of BOS, each ``length`` tokens long (BOS excluded).
+    """Sample ``n_sequences`` continuations of BOS (or of ``prompt``), ``length`` tokens each.
 
     Args:
         model: the model to sample from.
@@ -40,9 +41,10 @@ def sample_tokens(
         batch_size: sequences sampled in parallel.
         progress: show a tqdm progress bar.
         desc: progress bar label.
+        prompt: text to continue (BOS prepended); ``None`` starts from BOS alone.
 
     Returns:
-        Token ids, without the leading BOS.
+        Token ids of the continuations (without BOS or the prompt).
     """
     assert model.tokenizer is not None
     bos = model.tokenizer.bos_token_id
@@ -55,7 +57,10 @@ def sample_tokens(
     for first in range(0, n_sequences, batch_size):
         batch = min(batch_size, n_sequences - first)
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
-        tokens = torch.full((batch, 1), int(bos), dtype=torch.long, device=device)
+        if prompt is None:
+            tokens = torch.full((batch, 1), int(bos), dtype=torch.long, device=device)
+        else:
+            tokens = model.to_tokens(prompt, truncate=False).to(device).expand(batch, -1)
         out = []
         for _ in range(length):
             logits = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
