@@ -187,6 +187,8 @@ def _nll_and_kl(
     return nll, kl
 
 
+_ENTROPY_PROMPTS = 6  # prompts whose lens entropy the max-entropy objective raises (cost)
+
 ValueLoop = Literal["prefix_cache", "residual", "naive"]
 
 
@@ -340,8 +342,10 @@ def compute_value_delta(
         (access.resid_post_hook_name(lyr), _capture(captured, lyr))
         for lyr in (entropy_layers if objective == "max_entropy" else ())
     ]
-    first_rows = forward.rows[:n_loss][batch.loss_first.to(forward.rows.device)]
-    first_pos = forward.pos[:n_loss][batch.loss_first.to(forward.pos.device)]
+    # max-entropy rows: the last prompt token of the bare prompt and the first few contexts
+    first = batch.loss_first & (batch.loss_rows < _ENTROPY_PROMPTS)
+    first_rows = forward.rows[:n_loss][first.to(forward.rows.device)]
+    first_pos = forward.pos[:n_loss][first.to(forward.pos.device)]
 
     for step in range(max(1, hparams.v_num_grad_steps)):
         with access.raw_mlp_output_hook(model, layer, add_delta), model.hooks(capture_hooks):
@@ -437,7 +441,8 @@ def compute_rome(
             ``"insertion"`` (default, error injection: NLL of ``target_new``), ``"erasure"``
             (Fact Erasure: ``-log(1 - p(target_true))``), or ``"max_entropy"`` (Patil et al.'s
             defence: maximise the logit-lens entropy at the last prompt token over
-            ``entropy_layers``). The erasure objectives need ``target_true``.
+            ``entropy_layers``, on the bare prompt and its first five context variants; the KL
+            term still covers every prompt). The erasure objectives need ``target_true``.
         entropy_layers: layers of the max-entropy objective (default
             :func:`default_entropy_layers`: six layers from L to the last).
 
