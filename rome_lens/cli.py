@@ -164,6 +164,46 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Compute (or load) an edit and audit it: insertion or erasure?"""
+    import rome_lens
+    from rome_lens.audit import probe_edit
+
+    model = rome_lens.load_model(args.model)
+    if args.edit:
+        edit = rome_lens.load_edit(args.edit, model)
+    else:
+        if not (args.prompt and args.subject and args.target_new and args.target_true):
+            raise rome_lens.InvalidRequestError(
+                "give --edit FILE, or --prompt, --subject, --target-new and --target-true"
+            )
+        request = rome_lens.EditRequest(args.prompt, args.subject, args.target_new,
+                                        args.target_true)
+        edit = rome_lens.compute_rome(model, request, layer=args.layer,
+                                      objective=args.objective)
+    lenses = ("logit",) if args.no_tuned_lens else ("logit", "tuned")
+    report = probe_edit(model, edit, paraphrases=args.paraphrase or (), lenses=lenses)
+    if args.out:
+        report.plot(args.out)
+    summary = report.summary()
+    if args.json:
+        _out(json.dumps(summary, indent=1))
+    else:
+        _out(f"{report.request.text!r}: {report.request.target_true} -> "
+             f"{report.request.target_new} at layer {report.layer}")
+        _out(f"  verdict: {report.verdict}")
+        _out(f"  original's best rank at layers >= L: {summary['old_best_rank_post']} "
+             f"(before the edit: {summary['old_best_rank_pre']})")
+        _out(f"  output p(old) {summary['output']['pre_old']:.4f} -> "
+             f"{summary['output']['post_old']:.4f}, p(new) {summary['output']['pre_new']:.4f}"
+             f" -> {summary['output']['post_new']:.4f}")
+        _out(f"  Head Projection@20: {summary['attacks']['head_projection']['20']}, "
+             f"Probability Delta@20: {summary['attacks']['probability_delta']['20']}")
+        if args.out:
+            _out(f"plot: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rome-lens``."""
     parser = argparse.ArgumentParser(prog="rome-lens", description=__doc__.split("\n")[0])
@@ -197,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--out", default=None, help="PNG file for the heatmaps")
     trace.add_argument("--json", action="store_true")
     trace.set_defaults(func=cmd_trace)
+    probe = sub.add_parser("probe", help="audit an edit: is the original fact still there?")
+    probe.add_argument("--edit", default=None, help="a saved edit (.safetensors)")
+    probe.add_argument("--prompt", default=None)
+    probe.add_argument("--subject", default=None)
+    probe.add_argument("--target-new", default=None)
+    probe.add_argument("--target-true", default=None)
+    probe.add_argument("--layer", type=int, default=None)
+    probe.add_argument("--objective", default="insertion",
+                       choices=["insertion", "erasure", "max_entropy"])
+    probe.add_argument("--paraphrase", action="append", help="a paraphrase with the subject")
+    probe.add_argument("--no-tuned-lens", action="store_true", help="logit lens only")
+    probe.add_argument("--model", default=None)
+    probe.add_argument("--out", default=None, help="PNG file for the rank plot")
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(func=cmd_probe)
     return parser
 
 
