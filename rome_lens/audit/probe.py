@@ -191,6 +191,7 @@ class _Prompt:
     kind: str
     text: str
     positions: dict[str, int]
+    span: tuple[int, int]
 
 
 def _prompts(
@@ -203,7 +204,7 @@ def _prompts(
     for kind, text in variants:
         tokens, span = subject_token_span(model, text, request.subject)
         out.append(_Prompt(kind, text, {"last_subject": span[1] - 1,
-                                        "last": int(tokens.shape[0]) - 1}))
+                                        "last": int(tokens.shape[0]) - 1}, span))
     return out
 
 
@@ -408,8 +409,7 @@ def probe_edit(
     std = 3.0 * embedding_std(model)
     for i, prompt in enumerate(prompts):
         pos = [prompt.positions[p] for p in POSITIONS]
-        _, span = subject_token_span(model, prompt.text, request.subject)
-        noise = _subject_noise_hook(model, span, control_samples, std, seed + i)
+        noise = _subject_noise_hook(model, prompt.span, control_samples, std, seed + i)
         states = {}
         with _state(model, edits, post=False):
             states["pre"] = _layer_states(model, prompt.text, pos)
