@@ -42,6 +42,14 @@ PAPER_GPT2_XL = {
 }
 
 
+def _count_rows(path: Path) -> int:
+    """Traced (not skipped) facts already in a JSONL file."""
+    if not path.exists():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum("skipped" not in row for row in rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100, help="known facts to summarise")
@@ -82,10 +90,12 @@ def main() -> int:
         print(f"speed fact {fact.known_id}: batched {t_fast:.1f}s, reference {t_ref:.1f}s, "
               f"diff {diff:.2e}", flush=True)
 
-    t0 = time.perf_counter()
     jsonl = args.out.with_suffix(".jsonl")
+    n_before = _count_rows(jsonl)
+    t0 = time.perf_counter()
     summary = trace_dataset(model, known, out=jsonl, samples=args.samples)
     elapsed = time.perf_counter() - t0
+    n_new = _count_rows(jsonl) - n_before  # facts traced by this run (the rest were resumed)
     summary.plot(str(args.out.with_name(args.out.stem + "_summary.png")))
     peaks = {k: dict(zip(("layer", "aie"), summary.peak(k), strict=True))
              for k in summary.effects}
@@ -110,14 +120,18 @@ def main() -> int:
             "aie": {k: {c: v.tolist() for c, v in classes.items()}
                     for k, classes in summary.effects.items()},
         },
-        "facts_per_minute": 60.0 * summary.n_facts / elapsed if elapsed > 0 else None,
+        "facts_traced_this_run": n_new,
+        "facts_per_minute": 60.0 * n_new / elapsed if n_new > 0 else None,
+        "facts_per_minute_speed_facts": (60.0 * len(speed) / sum(s["batched_s"] for s in speed)
+                                         if speed else None),
         "paper_gpt2_xl": PAPER_GPT2_XL,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "provenance": provenance(seed=0),
     }
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items()
-                      if k in ("speed", "speedup_median", "facts_per_minute", "peak_rss_gib")},
+                      if k in ("speed", "speedup_median", "facts_per_minute",
+                               "facts_per_minute_speed_facts", "peak_rss_gib")},
                      indent=1))
     print(json.dumps(result["summary"]["peaks_last_subject_token"]))
     return 0

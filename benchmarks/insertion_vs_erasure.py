@@ -58,13 +58,13 @@ EIFFEL_CONSISTENCY = [
 
 def probe_one(model: Any, request: EditRequest, objective: str, lens: Any,
               paraphrases: list[str], consistency: list[tuple[str, str, str]] | None = None,
-              ) -> tuple[Any, dict[str, Any]]:
+              baseline: Any = None) -> tuple[Any, dict[str, Any]]:
     t0 = time.perf_counter()
     edit = rome_lens.compute_rome(model, request, objective=objective)  # type: ignore[arg-type]
     t_edit = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = probe_edit(model, edit, paraphrases=paraphrases, n_contexts=1, lens=lens,
-                        consistency=consistency or ())
+                        consistency=consistency or (), baseline=baseline)
     t_probe = time.perf_counter() - t0
     row = report.summary() | {"objective": objective, "edit_s": t_edit, "probe_s": t_probe,
                               "edit_layer": edit.layer, "losses": edit.info["losses"][::5]}
@@ -152,9 +152,11 @@ def main() -> int:
     if args.skip_eiffel and args.out.exists():  # keep the Eiffel section of an earlier run
         eiffel = json.loads(args.out.read_text()).get("eiffel", {})
     if not args.skip_eiffel:
+        base = None
         for objective in args.objectives:
             report, row = probe_one(model, EIFFEL, objective, lens, EIFFEL_PARAPHRASES,
-                                    EIFFEL_CONSISTENCY)
+                                    EIFFEL_CONSISTENCY, baseline=base)
+            base = base or report
             report.plot(str(args.out.with_name(f"{args.out.stem}_eiffel_{objective}.png")))
             report.to_dataframe().to_csv(
                 args.out.with_name(f"{args.out.stem}_eiffel_{objective}.csv"), index=False)
@@ -184,12 +186,15 @@ def main() -> int:
     with jsonl.open("a") as sink:
         for rec in tqdm(records, desc="facts"):
             paraphrases = [p for p in rec.paraphrase_prompts[:1] if rec.request.subject in p]
+            base = None  # the first probe's pre-edit and control cells serve the other objectives
             for objective in args.objectives:
                 key = f"{rec.case_id}|{objective}"
                 if key in done:
                     continue
                 try:
-                    _, row = probe_one(model, rec.request, objective, lens, paraphrases)
+                    report, row = probe_one(model, rec.request, objective, lens, paraphrases,
+                                            baseline=base)
+                    base = base or report
                 except rome_lens.RomeLensError as exc:
                     row = {"objective": objective, "skipped": str(exc)}
                 row["case_id"] = rec.case_id

@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from rome_lens.audit.lens import TunedLens, logit_lens, tuned_lens
+from rome_lens.audit.lens import TunedLens, tuned_lens
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
@@ -108,6 +108,10 @@ class ProbeReport:
         structural: the upstream check (tensors compared, all identical).
         consistency: one dict per consistency prompt.
         output: p(old), p(new) at the output of the edit prompt, pre and post.
+        prompts: the probed prompts by kind and index.
+        attack_layers: the layers of the extraction attacks.
+        objects: the tracked token ids of the old and new object.
+        lenses: the lenses probed.
     """
 
     request: EditRequest
@@ -121,6 +125,8 @@ class ProbeReport:
     output: dict[str, float] = field(default_factory=dict)
     prompts: dict[str, str] = field(default_factory=dict)
     attack_layers: list[int] = field(default_factory=list)
+    objects: dict[str, int] = field(default_factory=dict)
+    lenses: tuple[str, ...] = ()
 
     def to_dataframe(self) -> Any:
         """The evidence table (pandas, long format)."""
@@ -225,18 +231,44 @@ def _layer_states(
 
 
 @torch.no_grad()
-def _decode(
-    model: HookedTransformer, states: torch.Tensor, lens: str, tuned: TunedLens | None
-) -> Float[torch.Tensor, "rows layer pos d_vocab"]:
-    """Probabilities through a lens, averaged later over rows by the caller."""
-    rows, n_layers, n_pos, d = states.shape
-    out = []
+def _decode_groups(
+    model: HookedTransformer,
+    groups: Sequence[Float[torch.Tensor, "rows layer pos d_model"]],
+    lens: str,
+    tuned: TunedLens | None,
+    chunk_rows: int = 256,
+) -> list[Float[torch.Tensor, "layer pos d_vocab"]]:
+    """Lens probabilities of every group of states, averaged over each group's rows.
+
+    All vectors of all groups go through the unembedding together, ``chunk_rows`` at a time:
+    with a 262k vocabulary, one matrix product per vector would re-read the unembedding each
+    time (the probe's former cost).
+    """
+    n_layers, n_pos, d = (int(x) for x in groups[0].shape[1:])
+    per_group = n_layers * n_pos
+    vectors, index, weight = [], [], []
     for layer in range(n_layers):
-        h = states[:, layer].reshape(-1, d)
-        logits = logit_lens(model, h) if lens == "logit" else cast(TunedLens, tuned).logits(
-            model, h, layer)
-        out.append(logits.softmax(-1).reshape(rows, n_pos, -1))
-    return torch.stack(out, dim=1)
+        hs = [g[:, layer].reshape(-1, d) for g in groups]
+        h = torch.cat(hs)
+        if lens == "tuned":
+            h = cast(TunedLens, tuned).translate(h, layer)
+        vectors.append(h)
+        for gi, g in enumerate(groups):
+            rows = int(g.shape[0])
+            base = gi * per_group + layer * n_pos
+            index += [base + j for _ in range(rows) for j in range(n_pos)]
+            weight += [1.0 / rows] * (rows * n_pos)
+    h_all = torch.cat(vectors)
+    idx = torch.tensor(index, device=h_all.device)
+    w = torch.tensor(weight, device=h_all.device, dtype=h_all.dtype)
+    out = torch.zeros(len(groups) * per_group, model.cfg.d_vocab_out, device=h_all.device,
+                      dtype=h_all.dtype)
+    for start in range(0, h_all.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        probs = access.decode_residual(model, h_all[sl]).softmax(-1)
+        out.index_add_(0, idx[sl], probs * w[sl, None])
+    return [out[gi * per_group : (gi + 1) * per_group].view(n_layers, n_pos, -1)
+            for gi in range(len(groups))]
 
 
 def _rank(probs: Float[torch.Tensor, "... d_vocab"], token: int) -> torch.Tensor:
@@ -330,6 +362,7 @@ def probe_edit(
     control_samples: int = 3,
     seed: int = 0,
     object_tokens: tuple[int, int] | None = None,
+    baseline: ProbeReport | None = None,
 ) -> ProbeReport:
     """Audit an edit: is the original object still decodable downstream of the edited layer?
 
@@ -353,6 +386,11 @@ def probe_edit(
         seed: seed of the control noise.
         object_tokens: ``(old, new)`` token ids to track instead of the targets' first tokens
             (for tokenizers where both targets start with the same token).
+        baseline: an earlier report on the same request (e.g. another edit of the same fact):
+            its prompts and its pre-edit and control cells are reused instead of recomputed,
+            so comparing several edits of one fact costs one post-edit pass each.
+            ``paraphrases``, ``n_contexts``, ``control_samples`` and ``seed`` then come from
+            the baseline.
 
     Returns:
         A :class:`ProbeReport`.
@@ -361,6 +399,13 @@ def probe_edit(
         InvalidRequestError: no ``target_true``, or an unknown lens.
         SubjectNotFoundError: a paraphrase without the subject.
         EditStateError: the structural check failed (states upstream of L changed).
+
+    Example:
+        >>> first = probe_edit(model, compute_rome(model, request))
+        >>> second = probe_edit(model, compute_rome(model, request, objective="erasure"),
+        ...                     baseline=first)
+        >>> first.verdict, second.verdict
+        ('INSERTION', 'PARTIAL')
     """
     from rome_lens.rome.contexts import context_templates
     from rome_lens.rome.hparams import default_hparams
@@ -391,65 +436,65 @@ def probe_edit(
             "pass object_tokens"
         )
 
-    with _state(model, edits, post=False):
-        hp = default_hparams(model)
-        hp = replace(hp, seed=hp.seed + 1, n_contexts_short=max(1, n_contexts),
-                     n_contexts_long=0)
-        contexts = context_templates(model, hp)[1 : 1 + n_contexts] if n_contexts > 0 else []
-        tuned = None
-        if "tuned" in lenses:
+    tuned = None
+    if "tuned" in lenses:
+        with _state(model, edits, post=False):
             tuned = lens or tuned_lens(model)
             tuned.check(model)
-    prompts = _prompts(model, request, paraphrases, contexts)
+    if baseline is not None:
+        prompts = _baseline_prompts(model, baseline, request, objects, lenses)
+    else:
+        with _state(model, edits, post=False):
+            hp = default_hparams(model)
+            hp = replace(hp, seed=hp.seed + 1, n_contexts_short=max(1, n_contexts),
+                         n_contexts_long=0)
+            contexts = (context_templates(model, hp)[1 : 1 + n_contexts] if n_contexts > 0
+                        else [])
+        prompts = _prompts(model, request, paraphrases, contexts)
     structural = _structural_check(model, edits, request.text, layer)
 
     other = {"old": objects["new"], "new": objects["old"]}
-    records: list[dict[str, Any]] = []
-    probs_by: dict[tuple[str, str, str], torch.Tensor] = {}
     std = 3.0 * embedding_std(model)
+    states: dict[tuple[int, str], torch.Tensor] = {}
     for i, prompt in enumerate(prompts):
         pos = [prompt.positions[p] for p in POSITIONS]
-        noise = _subject_noise_hook(model, prompt.span, control_samples, std, seed + i)
-        states = {}
-        with _state(model, edits, post=False):
-            states["pre"] = _layer_states(model, prompt.text, pos)
-            states["control"] = _layer_states(
-                model, prompt.text, pos, [(access.EMBED_HOOK, noise)], control_samples)
+        if baseline is None:
+            noise = _subject_noise_hook(model, prompt.span, control_samples, std, seed + i)
+            with _state(model, edits, post=False):
+                states[(i, "pre")] = _layer_states(model, prompt.text, pos)
+                states[(i, "control")] = _layer_states(
+                    model, prompt.text, pos, [(access.EMBED_HOOK, noise)], control_samples)
         with _state(model, edits, post=True):
-            states["post"] = _layer_states(model, prompt.text, pos)
-        for lens_name in lenses:
-            for condition, st in states.items():
-                p = _decode(model, st, lens_name, tuned).mean(0)  # [layer, pos, vocab]
-                probs_by[(prompt.kind + str(i), lens_name, condition)] = p
-                for obj, tok in objects.items():
-                    ranks = _rank(p, tok)
-                    for layer_i in range(n_layers):
-                        for j, pos_name in enumerate(POSITIONS):
-                            records.append({
-                                "condition": condition, "prompt_kind": prompt.kind,
-                                "prompt_index": i, "prompt": prompt.text,
-                                "position": pos_name, "layer": layer_i, "lens": lens_name,
-                                "object": obj, "rank": int(ranks[layer_i, j]),
-                                "prob": float(p[layer_i, j, tok]),
-                                "prob_excl_other": float(
-                                    p[layer_i, j, tok] / (1 - p[layer_i, j, other[obj]])
-                                    .clamp_min(1e-12)
-                                ),
-                            })
+            states[(i, "post")] = _layer_states(model, prompt.text, pos)
+
+    records: list[dict[str, Any]] = []
+    if baseline is not None:  # the pre-edit and control cells of the same prompts
+        records = [{k: v for k, v in r.items() if k not in ("decodable", "control_prob")}
+                   for r in baseline.records if r["condition"] in ("pre", "control")]
+    keys = list(states)
+    attack_probs: torch.Tensor | None = None
+    for lens_name in lenses:
+        decoded = _decode_groups(model, [states[k] for k in keys], lens_name, tuned)
+        for (i, condition), p in zip(keys, decoded, strict=True):
+            if i == 0 and condition == "post" and lens_name == "logit":
+                attack_probs = p[:, 1].clone()
+            records += _cell_records(p, objects, other, prompts[i], i, condition, lens_name)
+        del decoded
     _mark_decodable(records, rule, layer)
 
-    post_edit = probs_by[("edit0", lenses[0], "post")]
-    pre_edit = probs_by[("edit0", lenses[0], "pre")]
-    output = {f"{c}_{o}": float(p[-1, 1, t]) for c, p in (("pre", pre_edit), ("post", post_edit))
-              for o, t in objects.items()}
+    def _output(condition: str, obj: str) -> float:
+        return next(r["prob"] for r in records
+                    if r["condition"] == condition and r["prompt_index"] == 0
+                    and r["position"] == "last" and r["layer"] == n_layers - 1
+                    and r["lens"] == lenses[0] and r["object"] == obj)
+
+    output = {f"{c}_{o}": _output(c, o) for c in ("pre", "post") for o in objects}
     att_layers = (list(attack_layers) if attack_layers is not None
                   else default_entropy_layers(model, layer))
-    if "logit" in lenses:
-        attack_probs = probs_by[("edit0", "logit", "post")][:, 1]
-    else:
+    if attack_probs is None:
         with _state(model, edits, post=True):
             st = _layer_states(model, request.text, [prompts[0].positions["last"]])
-        attack_probs = _decode(model, st, "logit", None).mean(0)[:, 0]
+        attack_probs = _decode_groups(model, [st], "logit", None)[0][:, 0]
     attacks = _attacks(attack_probs, att_layers, objects["old"], budgets)
     consist = _consistency(model, edits, consistency)
 
@@ -461,7 +506,56 @@ def probe_edit(
         attack_layers=att_layers,
         attacks=attacks, structural=structural, consistency=consist, output=output,
         prompts={f"{p.kind}{i}": p.text for i, p in enumerate(prompts)},
+        objects=dict(objects), lenses=tuple(lenses),
     )
+
+
+def _baseline_prompts(
+    model: HookedTransformer, baseline: ProbeReport, request: EditRequest,
+    objects: dict[str, int], lenses: Sequence[str],
+) -> list[_Prompt]:
+    """The prompts of ``baseline``, after checking it probed the same fact the same way."""
+    if (baseline.request.text, baseline.request.target_true) != (request.text,
+                                                                  request.target_true):
+        raise InvalidRequestError(
+            f"baseline probed {baseline.request.text!r} -> {baseline.request.target_true!r}, "
+            f"not {request.text!r} -> {request.target_true!r}"
+        )
+    if baseline.objects and baseline.objects != objects:
+        raise InvalidRequestError(f"baseline tracked tokens {baseline.objects}, not {objects}")
+    missing = [name for name in lenses if name not in baseline.lenses]
+    if missing:
+        raise InvalidRequestError(f"baseline has no cells for lens(es) {missing}")
+    kinds = {r["prompt_index"]: r["prompt_kind"] for r in baseline.records}
+    out = []
+    for i, text in enumerate(baseline.prompts.values()):
+        tokens, span = subject_token_span(model, text, request.subject)
+        out.append(_Prompt(kinds[i], text, {"last_subject": span[1] - 1,
+                                            "last": int(tokens.shape[0]) - 1}, span))
+    return out
+
+
+def _cell_records(
+    p: Float[torch.Tensor, "layer pos d_vocab"], objects: dict[str, int], other: dict[str, int],
+    prompt: _Prompt, index: int, condition: str, lens: str,
+) -> list[dict[str, Any]]:
+    """One record per (layer, position, object) of one decoded (prompt, condition, lens)."""
+    out = []
+    for obj, tok in objects.items():
+        ranks = _rank(p, tok).tolist()
+        probs = p[..., tok]
+        excl = (probs / (1 - p[..., other[obj]]).clamp_min(1e-12)).tolist()
+        probs_l = probs.tolist()
+        for layer_i in range(p.shape[0]):
+            for j, pos_name in enumerate(POSITIONS):
+                out.append({
+                    "condition": condition, "prompt_kind": prompt.kind, "prompt_index": index,
+                    "prompt": prompt.text, "position": pos_name, "layer": layer_i,
+                    "lens": lens, "object": obj, "rank": int(ranks[layer_i][j]),
+                    "prob": float(probs_l[layer_i][j]),
+                    "prob_excl_other": float(excl[layer_i][j]),
+                })
+    return out
 
 
 def _mark_decodable(records: list[dict[str, Any]], rule: VerdictRule, layer: int) -> None:

@@ -158,6 +158,48 @@ def test_rome_edit_upstream_states_bit_identical(model: HookedTransformer, hpara
     assert (pre == post).all()
 
 
+def test_batched_decode_matches_one_vector_at_a_time(model: HookedTransformer) -> None:
+    from rome_lens.audit.probe import _decode_groups
+
+    gen = torch.Generator().manual_seed(0)
+    n_layers, d = model.cfg.n_layers, model.cfg.d_model
+    groups = [torch.randn(rows, n_layers, 2, d, generator=gen) for rows in (1, 3, 2)]
+    decoded = _decode_groups(model, groups, "logit", None, chunk_rows=5)  # several chunks
+    for g, p in zip(groups, decoded, strict=True):
+        expected = torch.stack([
+            torch.stack([logit_lens(model, g[r, layer]).softmax(-1) for layer in range(n_layers)])
+            for r in range(g.shape[0])
+        ]).mean(0)
+        assert p.shape == expected.shape
+        torch.testing.assert_close(p, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_baseline_reuse_matches_a_fresh_probe(model: HookedTransformer, hparams) -> None:
+    request = EditRequest("{} lives in", "Alice Smith", "Paris", "Rome")
+    edit = cached_edit(model, request, 1, hparams)
+    old, new = _objects(model)
+    kwargs: dict[str, Any] = {"lenses": ("logit",), "n_contexts": 1, "object_tokens": (old, new)}
+    first = probe_edit(model, edit, **kwargs)
+    erase = HookEdit(1, request, [(access.mlp_out_hook_name(1),
+                                   lambda act, hook=None: act * 0.5)])
+    fresh = probe_edit(model, erase, **kwargs)
+    reused = probe_edit(model, erase, baseline=first, **kwargs)
+    key = ["condition", "prompt_index", "position", "layer", "lens", "object"]
+    a = fresh.to_dataframe().sort_values(key).reset_index(drop=True)
+    b = reused.to_dataframe().sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == len(first.records)
+    assert (a["rank"] == b["rank"]).all()
+    torch.testing.assert_close(torch.tensor(a["prob"].values), torch.tensor(b["prob"].values))
+    assert fresh.verdict == reused.verdict and fresh.output == reused.output
+    assert fresh.attacks == reused.attacks
+    other = EditRequest("{} works in", "Alice Smith", "Paris", "Rome")
+    with pytest.raises(InvalidRequestError, match="baseline"):
+        probe_edit(model, erase, other, baseline=first, **kwargs)
+    with pytest.raises(InvalidRequestError, match="lens"):
+        probe_edit(model, erase, baseline=first, lenses=("logit", "tuned"),
+                   object_tokens=(old, new), lens=TunedLens.identity(model))
+
+
 def test_structural_check_catches_upstream_change(model: HookedTransformer) -> None:
     old, new = _objects(model)
     bad = HookEdit(1, _request(), [(access.resid_pre_hook_name(0),
