@@ -138,6 +138,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
     parser.add_argument("--skip-eiffel", action="store_true")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new fact after this many minutes; rerun to resume")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/insertion_vs_erasure.json"))
     args = parser.parse_args()
@@ -183,8 +185,13 @@ def main() -> int:
             records.append(rec)
         if len(records) >= args.n:
             break
+    started = time.perf_counter()
     with jsonl.open("a") as sink:
         for rec in tqdm(records, desc="facts"):
+            budget = args.max_minutes
+            if budget is not None and time.perf_counter() - started > 60 * budget:
+                logging.warning("time budget of %.0f min reached; rerun to resume", budget)
+                break
             paraphrases = [p for p in rec.paraphrase_prompts[:1] if rec.request.subject in p]
             base = None  # the first probe's pre-edit and control cells serve the other objectives
             for objective in args.objectives:
