@@ -138,6 +138,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
     parser.add_argument("--skip-eiffel", action="store_true")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="only summarise the JSONL's rows (every objective) into the JSON")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no new fact after this many minutes; rerun to resume")
     parser.add_argument("--out", type=Path,
@@ -177,8 +179,9 @@ def main() -> int:
                 row = json.loads(line)
                 done[f"{row['case_id']}|{row['objective']}"] = row
     records = []
-    candidates = ev.known_records(model, ev.load_counterfact(args.data), 4 * args.n)
-    for rec in candidates if args.n > 0 else []:
+    candidates = ([] if args.aggregate_only or args.n <= 0
+                  else ev.known_records(model, ev.load_counterfact(args.data), 4 * args.n))
+    for rec in candidates:
         logp = next_token_logprobs(model, rec.request.text)
         true_first = int(target_tokens(model, rec.target_true)[0])
         if int((logp > logp[true_first]).sum()) < 10:  # true object in the output's top 10
@@ -208,15 +211,20 @@ def main() -> int:
                 done[key] = row
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
-    keys = {f"{r.case_id}|{o}" for r in records for o in args.objectives}
-    rows = [r for k, r in done.items() if k in keys and "skipped" not in r]
+    if args.aggregate_only:  # every row of the JSONL, all objectives
+        rows = [r for r in done.values() if "skipped" not in r]
+        n_facts = len({r["case_id"] for r in rows})
+    else:
+        keys = {f"{r.case_id}|{o}" for r in records for o in args.objectives}
+        rows = [r for k, r in done.items() if k in keys and "skipped" not in r]
+        n_facts = len(records)
     agg = aggregate(rows)
     if agg:
         plot(agg, args.out.with_name(args.out.stem + ".png"))
     result = {
         "benchmark": "insertion_vs_erasure",
         "model": rome_lens.DEFAULT_MODEL,
-        "n_facts": len(records),
+        "n_facts": n_facts,
         "tuned_lens": {"load_or_train_s": lens_s, "info": lens.info},
         "eiffel": eiffel,
         "by_objective": agg,
