@@ -204,6 +204,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tuned_lens(args: argparse.Namespace) -> int:
+    """Train (or load from the cache) the model's tuned lens and report its fit."""
+    import rome_lens
+    from rome_lens.audit import TunedLensConfig, tuned_lens
+
+    model = rome_lens.load_model(args.model)
+    config = TunedLensConfig(steps=args.steps, sequences=args.sequences)
+    t0 = time.perf_counter()
+    lens = tuned_lens(model, corpus=args.corpus, config=config)
+    elapsed = time.perf_counter() - t0
+    if args.save:
+        lens.save(args.save)
+    if args.json:
+        _out(json.dumps({"seconds": elapsed, "fingerprint": lens.fingerprint,
+                         "info": lens.info}, indent=1))
+    else:
+        _out(f"tuned lens for {access.model_label(model)} "
+             f"({lens.n_layers} layers) ready in {elapsed:.1f}s (cached under the rome_lens "
+             "cache; later loads are instant)")
+        for key, value in lens.info.items():
+            _out(f"  {key}: {value}")
+        if args.save:
+            _out(f"saved to {args.save}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rome-lens``."""
     parser = argparse.ArgumentParser(prog="rome-lens", description=__doc__.split("\n")[0])
@@ -252,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", default=None, help="PNG file for the rank plot")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_probe)
+    from rome_lens.audit.lens import TunedLensConfig
+
+    lens_defaults = TunedLensConfig()
+    lens = sub.add_parser("tuned-lens", help="train (or load) the model's tuned lens")
+    lens.add_argument("--steps", type=int, default=lens_defaults.steps,
+                      help="Adam steps of the KL stage (0: least squares only)")
+    lens.add_argument("--sequences", type=int, default=lens_defaults.sequences,
+                      help="corpus sequences used for training")
+    lens.add_argument("--corpus", nargs="+", default=None,
+                      help="text files to train on (default: the model-sampled corpus)")
+    lens.add_argument("--model", default=None)
+    lens.add_argument("--save", default=None, help="also save the lens to this file")
+    lens.add_argument("--json", action="store_true")
+    lens.set_defaults(func=cmd_tuned_lens)
     return parser
 
 

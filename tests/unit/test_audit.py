@@ -316,3 +316,26 @@ def test_unknown_objective(model: HookedTransformer, hparams) -> None:
     with pytest.raises(InvalidRequestError, match="objective"):
         rome_lens.compute_rome(model, _request(), layer=1, hparams=hparams,
                                objective="amplify")  # type: ignore[arg-type]
+
+
+def test_cli_tuned_lens_trains_caches_and_saves(
+    model: HookedTransformer, tmp_path, monkeypatch, capsys
+) -> None:
+    import json
+
+    from rome_lens import cli
+
+    monkeypatch.setenv("ROME_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(rome_lens, "load_model", lambda name=None: model)
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(STATS_CORPUS) * 4)
+    args = ["tuned-lens", "--steps", "5", "--sequences", "4", "--corpus", str(text), "--json"]
+    assert cli.main([*args, "--save", str(tmp_path / "lens.pt")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["fingerprint"] == access.weights_fingerprint(model)
+    saved = TunedLens.load(tmp_path / "lens.pt")
+    assert saved.n_layers == model.cfg.n_layers
+    assert list((tmp_path / "cache" / "tuned_lens").glob("*.pt"))  # cached for probe_edit
+    assert cli.main(args) == 0  # second call loads the cached lens: same lens
+    second = json.loads(capsys.readouterr().out)
+    assert second["info"] == first["info"]
