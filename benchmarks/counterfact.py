@@ -6,7 +6,9 @@ the paper's format with 95% bootstrap confidence intervals. Per-record results a
 JSONL file as they come, so an interrupted run resumes where it stopped.
 
 Methods: ``none`` (unedited), ``rome``, ``ft-l`` (fine-tuning of the same W_out with an
-L-infinity bound); ``--generation`` adds fluency (n-gram entropy GE of seeded generations).
+L-infinity bound); ``--generation`` adds fluency (n-gram entropy GE of seeded generations) for
+the first ``--generation-records`` records. Rows go to ``<out>.L<layer>.<method>.jsonl``; rows of
+the session-1 layout (``<out>.L<layer>.jsonl``, before/after per line) are reused.
 
 Usage:
     python benchmarks/counterfact.py --n 200 [--method none rome ft-l] [--layer L]
@@ -63,11 +65,13 @@ def table(scores: list[ev.RecordScores]) -> dict[str, object]:
 METHODS = {"none": "unedited", "rome": "ROME", "ft-l": "FT-L"}
 
 
-def run_method(model, rec: ev.CounterFactRecord, method: str, layer: int, args) -> dict:
+def run_method(
+    model, rec: ev.CounterFactRecord, method: str, layer: int, generate: bool, gen_tokens: int
+) -> dict:
     """Score one record under one method (edit, score, revert)."""
     t0 = time.perf_counter()
     if method == "none":
-        scores = ev.score_record(model, rec, args.generation, gen_tokens=args.gen_tokens)
+        scores = ev.score_record(model, rec, generate, gen_tokens=gen_tokens)
         scores.seconds = 0.0
         return dataclasses.asdict(scores)
     if method == "rome":
@@ -76,7 +80,7 @@ def run_method(model, rec: ev.CounterFactRecord, method: str, layer: int, args) 
         edit = compute_ft_l(model, rec.request, layer=layer)
     seconds = time.perf_counter() - t0
     with edit.applied(model):
-        scores = ev.score_record(model, rec, args.generation, gen_tokens=args.gen_tokens)
+        scores = ev.score_record(model, rec, generate, gen_tokens=gen_tokens)
     scores.seconds = seconds
     return dataclasses.asdict(scores)
 
@@ -103,6 +107,9 @@ def main() -> int:
     parser.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--generation", action="store_true",
                         help="also generate (2 prompts x --gen-tokens) for fluency GE")
+    parser.add_argument("--generation-records", type=int, default=50,
+                        help="with --generation: generate for the first N records only "
+                             "(-1: all); generation costs ~10 s per record and method on CPU")
     parser.add_argument("--gen-tokens", type=int, default=50)
     parser.add_argument("--out", "--json", type=Path,
                         default=Path("benchmarks/results/counterfact.json"))
@@ -116,16 +123,20 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tables: dict[str, object] = {}
     medians: dict[str, float] = {}
+    n_gen = 0
+    if args.generation:
+        n_gen = len(known) if args.generation_records < 0 else args.generation_records
     for method in args.method:
-        tag = f"{method}{'-gen' if args.generation else ''}"
-        path = args.out.with_suffix(f".L{layer}.{tag}.jsonl")
-        legacy = None if args.generation else args.out.with_suffix(f".L{layer}.jsonl")
+        path = args.out.with_suffix(f".L{layer}.{method}.jsonl")
+        legacy = args.out.with_suffix(f".L{layer}.jsonl")
         done = load_rows(path, legacy, method)
         with path.open("a") as sink:
-            for rec in tqdm(known, desc=f"{METHODS[method]} L{layer}"):
-                if rec.case_id in done:
+            for i, rec in enumerate(tqdm(known, desc=f"{METHODS[method]} L{layer}")):
+                generate = i < n_gen
+                row = done.get(rec.case_id)
+                if row is not None and (not generate or row.get("fluency") is not None):
                     continue
-                row = run_method(model, rec, method, layer, args)
+                row = run_method(model, rec, method, layer, generate, args.gen_tokens)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 done[rec.case_id] = row
@@ -139,7 +150,8 @@ def main() -> int:
         "layer": layer,
         "n_records": len(known),
         "selection": f"first {args.n} records of {args.data.name} with p(true) > p(new) unedited",
-        "generation": {"enabled": args.generation, "tokens": args.gen_tokens,
+        "generation": {"enabled": args.generation, "records": n_gen,
+                       "tokens": args.gen_tokens, "sampling": "top-k 5, seeded",
                        "prompts": "edit prompt + first paraphrase (flat layout has none)"},
         **tables,
         "paper_gpt2_xl": PAPER_GPT2_XL,

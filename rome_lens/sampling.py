@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from rome_lens.errors import NonFiniteError
+from rome_lens.models import access
 
 
 @torch.no_grad()
@@ -51,6 +52,7 @@ def sample_tokens(
     if bos is None:
         bos = model.tokenizer.eos_token_id
     device = model.cfg.device
+    n_layers = access.n_layers(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     chunks: list[torch.Tensor] = []
     bar = tqdm(total=n_sequences * length, desc=desc, unit="tok", disable=not progress)
@@ -63,8 +65,16 @@ def sample_tokens(
             tokens = model.to_tokens(prompt, truncate=False).to(device).expand(batch, -1)
         out = []
         for _ in range(length):
-            logits = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
-            logits = logits[:, -1, :].float().cpu() / max(temperature, 1e-6)
+            # Decode only the last position: HookedTransformer's own unembedding copies the
+            # whole W_U on every call, which dominates sampling with a large vocabulary.
+            resid = model(
+                tokens,
+                past_kv_cache=cache,
+                attention_mask=torch.ones_like(tokens),
+                stop_at_layer=n_layers,
+            )
+            logits = access.decode_residual(model, resid[:, -1, :])
+            logits = logits.float().cpu() / max(temperature, 1e-6)
             if not torch.isfinite(logits).all():
                 raise NonFiniteError("the model produces NaN or infinite logits; cannot sample")
             if top_k is not None:

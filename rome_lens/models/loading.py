@@ -35,6 +35,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from rome_lens._cache import atomic_dir, atomic_path, cache_dir
+from rome_lens.models.speed import install_fast_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     tl_name: str | None = None,
+    fast_mlp: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> HookedTransformer:
     """Load a model as a HookedTransformer.
@@ -59,6 +61,8 @@ def load_model(
         dtype: floating-point type of the weights.
         tl_name: TransformerLens architecture name to use for a local file or directory
             (default: read from the file, e.g. ``"google/gemma-3-270m"``).
+        fast_mlp: give gated MLPs a copy-free forward (:mod:`rome_lens.models.speed`; same
+            values up to float32 rounding, ~2x faster sampling on CPU).
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained`` for model
             names (e.g. ``fold_ln=False``).
 
@@ -84,6 +88,8 @@ def load_model(
             str(name), device=device, dtype=dtype, **from_pretrained_kwargs
         )
     model.eval()
+    if fast_mlp:
+        install_fast_mlp(model)
     return model
 
 
