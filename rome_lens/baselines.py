@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError, NonFiniteError
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
@@ -81,7 +81,7 @@ class DenseEdit(RomeEdit):
 
 
 def compute_ft_l(
-    model: HookedTransformer,
+    model: Model,
     request: EditRequest,
     layer: int | None = None,
     hparams: FTLHyperParams | None = None,

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import RomeLensError
 from rome_lens.predict import target_logprob
 from rome_lens.requests import EditRequest
@@ -121,7 +121,7 @@ def load_counterfact(path: str | os.PathLike[str]) -> list[CounterFactRecord]:
     return records
 
 
-def prefers_new(model: HookedTransformer, prompt: str, new: str, true: str) -> tuple[bool, float]:
+def prefers_new(model: Model, prompt: str, new: str, true: str) -> tuple[bool, float]:
     """Whether ``new`` is more likely than ``true`` after ``prompt`` (mean per-token NLL).
 
     Returns:
@@ -150,7 +150,7 @@ class RecordScores:
 
 
 def score_record(
-    model: HookedTransformer,
+    model: Model,
     record: CounterFactRecord,
     generation: bool = False,
     gen_prompts: int = 2,
@@ -218,7 +218,7 @@ def n_gram_entropy(
 
 
 def generation_metrics(
-    model: HookedTransformer,
+    model: Model,
     prompts: list[str],
     target_new: str,
     target_true: str | None = None,
@@ -293,7 +293,7 @@ def _mean_opt(values: list[float | None], scale: float) -> float:
 
 
 def known_records(
-    model: HookedTransformer, records: list[CounterFactRecord], n: int
+    model: Model, records: list[CounterFactRecord], n: int
 ) -> list[CounterFactRecord]:
     """The first ``n`` records the unedited model gets right (p(true) > p(new) on the prompt)."""
     out = []
@@ -307,7 +307,7 @@ def known_records(
 
 
 def evaluate_rome(
-    model: HookedTransformer,
+    model: Model,
     records: list[CounterFactRecord],
     layer: int | None = None,
     progress: bool = True,

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.models import access
 from rome_lens.requests import target_tokens
 
 
 @torch.no_grad()
-def next_token_logprobs(model: HookedTransformer, prompt: str) -> torch.Tensor:
+def next_token_logprobs(model: Model, prompt: str) -> torch.Tensor:
     """Log-probabilities of the next token after ``prompt`` (only the last position decoded)."""
     tokens = access.to_tokens(model, prompt)[None]
     resid = model(tokens, stop_at_layer=access.n_layers(model))
     return access.decode_residual(model, resid[0, -1]).log_softmax(-1)
 
 
-def top_tokens(model: HookedTransformer, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+def top_tokens(model: Model, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The ``k`` most likely next tokens after ``prompt`` with their probabilities.
 
     Example:
@@ -34,7 +34,7 @@ def top_tokens(model: HookedTransformer, prompt: str, k: int = 5) -> list[tuple[
 
 
 @torch.no_grad()
-def target_logprob(model: HookedTransformer, prompt: str, target: str) -> float:
+def target_logprob(model: Model, prompt: str, target: str) -> float:
     """Mean per-token log-probability of ``target`` (with a leading space) after ``prompt``.
 
     This is the CounterFact comparison quantity (REFERENCE.md §3): the negative mean NLL.

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError, SubjectNotFoundError
 from rome_lens.models import access
 
@@ -107,7 +107,7 @@ def target_text(target: str) -> str:
     return target if target[:1].isspace() else " " + target
 
 
-def target_tokens(model: HookedTransformer, target: str) -> Int[torch.Tensor, " n"]:
+def target_tokens(model: Model, target: str) -> Int[torch.Tensor, " n"]:
     """Token ids of a target continuation (no BOS).
 
     Raises:
@@ -122,7 +122,7 @@ def target_tokens(model: HookedTransformer, target: str) -> Int[torch.Tensor, " 
 
 
 def subject_token_span(
-    model: HookedTransformer,
+    model: Model,
     text: str,
     subject: str,
     occurrence: int = -1,
@@ -182,7 +182,7 @@ def subject_token_span(
 
 
 def _span_by_prefixes(
-    model: HookedTransformer, text: str, char_start: int, char_end: int, total: int
+    model: Model, text: str, char_start: int, char_end: int, total: int
 ) -> tuple[int, int]:
     """Fallback: count the tokens of the text before and through the subject."""
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
+from rome_lens._typing import Model
 from rome_lens.errors import NonFiniteError
 from rome_lens.models import access
 
 
 @torch.no_grad()
 def sample_tokens(
-    model: HookedTransformer,
+    model: Model,
     n_sequences: int,
     length: int,
     *,
@@ -52,28 +52,19 @@ def sample_tokens(
     if bos is None:
         bos = model.tokenizer.eos_token_id
     device = model.cfg.device
-    n_layers = access.n_layers(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     chunks: list[torch.Tensor] = []
     bar = tqdm(total=n_sequences * length, desc=desc, unit="tok", disable=not progress)
     for first in range(0, n_sequences, batch_size):
         batch = min(batch_size, n_sequences - first)
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+        step = access.IncrementalDecoder(model, batch)
         if prompt is None:
             tokens = torch.full((batch, 1), int(bos), dtype=torch.long, device=device)
         else:
             tokens = model.to_tokens(prompt, truncate=False).to(device).expand(batch, -1)
         out = []
         for _ in range(length):
-            # Decode only the last position: HookedTransformer's own unembedding copies the
-            # whole W_U on every call, which dominates sampling with a large vocabulary.
-            resid = model(
-                tokens,
-                past_kv_cache=cache,
-                attention_mask=torch.ones_like(tokens),
-                stop_at_layer=n_layers,
-            )
-            logits = access.decode_residual(model, resid[:, -1, :])
+            logits = step(tokens)
             logits = logits.float().cpu() / max(temperature, 1e-6)
             if not torch.isfinite(logits).all():
                 raise NonFiniteError("the model produces NaN or infinite logits; cannot sample")

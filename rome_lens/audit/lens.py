@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from rome_lens._cache import atomic_path, cache_dir
+from rome_lens._typing import Model
 from rome_lens.corpus_types import Corpus
 from rome_lens.errors import CorruptEditFileError, FingerprintMismatchError, LayerOutOfRangeError
 from rome_lens.models import access
@@ -54,7 +54,7 @@ _FORMAT = "rome_lens.tuned_lens/1"
 
 
 def logit_lens(
-    model: HookedTransformer, resid: Float[torch.Tensor, "... d_model"]
+    model: Model, resid: Float[torch.Tensor, "... d_model"]
 ) -> Float[torch.Tensor, "... d_vocab"]:
     """Logits of residual vectors through the model's final norm and unembedding."""
     return access.decode_residual(model, resid)
@@ -104,7 +104,7 @@ class TunedLens:
     info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def identity(cls, model: HookedTransformer) -> TunedLens:
+    def identity(cls, model: Model) -> TunedLens:
         """The untrained lens (every translator zero): equal to the logit lens."""
         n, d = access.n_layers(model), int(model.cfg.d_model)
         return cls(torch.zeros(n, d, d), torch.zeros(n, d), access.weights_fingerprint(model))
@@ -125,12 +125,12 @@ class TunedLens:
         return resid + resid @ w + b
 
     def logits(
-        self, model: HookedTransformer, resid: Float[torch.Tensor, "... d_model"], layer: int
+        self, model: Model, resid: Float[torch.Tensor, "... d_model"], layer: int
     ) -> Float[torch.Tensor, "... d_vocab"]:
         """Decoded logits of the residual after block ``layer``."""
         return access.decode_residual(model, self.translate(resid, layer))
 
-    def check(self, model: HookedTransformer) -> None:
+    def check(self, model: Model) -> None:
         """Raise if the lens was trained on another model."""
         fp = access.weights_fingerprint(model)
         if fp != self.fingerprint or self.n_layers != access.n_layers(model):
@@ -167,7 +167,7 @@ class TunedLens:
 
 @torch.no_grad()
 def _training_states(
-    model: HookedTransformer, tokens: torch.Tensor
+    model: Model, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals after every block ``[layer, n, d]`` and final residuals ``[n, d]`` (no BOS)."""
     n_layers = access.n_layers(model)
@@ -198,7 +198,7 @@ def _least_squares(
 
 
 def train_tuned_lens(
-    model: HookedTransformer,
+    model: Model,
     corpus: Corpus = None,
     config: TunedLensConfig | None = None,
     progress: bool = True,
@@ -239,7 +239,7 @@ def train_tuned_lens(
 
 @torch.no_grad()
 def _kl_vocabulary(
-    model: HookedTransformer, final: torch.Tensor, config: TunedLensConfig
+    model: Model, final: torch.Tensor, config: TunedLensConfig
 ) -> torch.Tensor:
     """Token ids of the KL stage: the final layer's top tokens on the training text."""
     d_vocab = int(model.cfg.d_vocab)
@@ -253,7 +253,7 @@ def _kl_vocabulary(
 
 
 def _fit_kl(
-    model: HookedTransformer,
+    model: Model,
     lens: TunedLens,
     states: torch.Tensor,
     final: torch.Tensor,
@@ -293,7 +293,7 @@ def _fit_kl(
 
 
 def _adam_steps(
-    model: HookedTransformer, states: torch.Tensor, final: torch.Tensor, *,
+    model: Model, states: torch.Tensor, final: torch.Tensor, *,
     idx_gen: torch.Generator, decode: Any, weight: torch.Tensor, bias: torch.Tensor,
     opt: torch.optim.Optimizer, config: TunedLensConfig, progress: bool, losses: list[float],
 ) -> None:
@@ -315,7 +315,7 @@ def _adam_steps(
 
 
 def tuned_lens(
-    model: HookedTransformer,
+    model: Model,
     corpus: Corpus = None,
     config: TunedLensConfig | None = None,
     train: bool = True,

@@ -48,8 +48,8 @@ from typing import Any, Protocol, cast
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.audit.lens import TunedLens, tuned_lens
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
@@ -71,7 +71,7 @@ class EditLike(Protocol):
     layer: int
     request: EditRequest
 
-    def applied(self, model: HookedTransformer) -> Any:
+    def applied(self, model: Model) -> Any:
         """Context manager that applies the edit and undoes it on exit."""
         ...
 
@@ -171,7 +171,7 @@ class ProbeReport:
 
 # --------------------------------------------------------------------------- internals
 @contextmanager
-def _state(model: HookedTransformer, edits: Sequence[EditLike], post: bool) -> Iterator[None]:
+def _state(model: Model, edits: Sequence[EditLike], post: bool) -> Iterator[None]:
     """Model with the edits applied (``post``) or removed, restored to its state on exit."""
     from rome_lens.rome.edit import RomeEdit
 
@@ -201,7 +201,7 @@ class _Prompt:
 
 
 def _prompts(
-    model: HookedTransformer, request: EditRequest, paraphrases: Sequence[str],
+    model: Model, request: EditRequest, paraphrases: Sequence[str],
     contexts: Sequence[str],
 ) -> list[_Prompt]:
     out = []
@@ -216,7 +216,7 @@ def _prompts(
 
 @torch.no_grad()
 def _layer_states(
-    model: HookedTransformer, text: str, positions: list[int], hooks: list[Any] | None = None,
+    model: Model, text: str, positions: list[int], hooks: list[Any] | None = None,
     samples: int = 1,
 ) -> Float[torch.Tensor, "rows layer pos d_model"]:
     """Residual after every block at ``positions`` (``samples`` rows when hooks add noise)."""
@@ -232,7 +232,7 @@ def _layer_states(
 
 @torch.no_grad()
 def _decode_groups(
-    model: HookedTransformer,
+    model: Model,
     groups: Sequence[Float[torch.Tensor, "rows layer pos d_model"]],
     lens: str,
     tuned: TunedLens | None,
@@ -277,7 +277,7 @@ def _rank(probs: Float[torch.Tensor, "... d_vocab"], token: int) -> torch.Tensor
 
 @torch.no_grad()
 def _structural_check(
-    model: HookedTransformer, edits: Sequence[EditLike], text: str, layer: int
+    model: Model, edits: Sequence[EditLike], text: str, layer: int
 ) -> dict[str, Any]:
     """Compare every state upstream of block ``layer``'s MLP output, pre vs post, bit for bit."""
     names = [access.resid_pre_hook_name(lyr) for lyr in range(layer + 1)]
@@ -347,7 +347,7 @@ def _attacks(
 
 # --------------------------------------------------------------------------- public API
 def probe_edit(
-    model: HookedTransformer,
+    model: Model,
     edit: EditLike | Sequence[EditLike],
     request: EditRequest | None = None,
     *,
@@ -511,7 +511,7 @@ def probe_edit(
 
 
 def _baseline_prompts(
-    model: HookedTransformer, baseline: ProbeReport, request: EditRequest,
+    model: Model, baseline: ProbeReport, request: EditRequest,
     objects: dict[str, int], lenses: Sequence[str],
 ) -> list[_Prompt]:
     """The prompts of ``baseline``, after checking it probed the same fact the same way."""
@@ -580,7 +580,7 @@ def _mark_decodable(records: list[dict[str, Any]], rule: VerdictRule, layer: int
 
 @torch.no_grad()
 def _consistency(
-    model: HookedTransformer, edits: Sequence[EditLike],
+    model: Model, edits: Sequence[EditLike],
     probes: Sequence[tuple[str, str, str]],
 ) -> list[dict[str, Any]]:
     """Which world (old or new fact) each consistency prompt answers from, pre and post."""

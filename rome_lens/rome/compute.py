@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.corpus_types import Corpus
 from rome_lens.errors import InvalidRequestError, LayerOutOfRangeError, NonFiniteError
 from rome_lens.models import access
@@ -72,7 +72,7 @@ class _Batch:
 
 
 def _build_batch(
-    model: HookedTransformer,
+    model: Model,
     request: EditRequest,
     templates: list[str],
     hparams: RomeHyperParams,
@@ -138,7 +138,7 @@ def _subject_mask(batch: _Batch, dtype: torch.dtype) -> Float[torch.Tensor, "bat
 
 
 def _keys_and_residual(
-    model: HookedTransformer, layer: int, batch: _Batch, keep_residual: bool
+    model: Model, layer: int, batch: _Batch, keep_residual: bool
 ) -> tuple[Float[torch.Tensor, " d_mlp"], Float[torch.Tensor, "batch pos d_model"] | None]:
     """k* (mean key at the last subject token of the value rows), and the residual entering L.
 
@@ -210,7 +210,7 @@ class _ValueForward:
 class _NaiveForward(_ValueForward):
     """Baseline: full forward passes from the tokens, full-vocabulary logits everywhere."""
 
-    def __init__(self, model: HookedTransformer, batch: _Batch, dtype: torch.dtype) -> None:
+    def __init__(self, model: Model, batch: _Batch, dtype: torch.dtype) -> None:
         self.model, self.batch = model, batch
         self.mask = _subject_mask(batch, dtype)
         self.rows, self.pos = _picked_positions(batch)
@@ -225,7 +225,7 @@ class _ResidualForward(_ValueForward):
     """The residual entering the edit layer is fixed: run only blocks L.., decode only loss rows."""
 
     def __init__(
-        self, model: HookedTransformer, layer: int, batch: _Batch, resid: torch.Tensor
+        self, model: Model, layer: int, batch: _Batch, resid: torch.Tensor
     ) -> None:
         self.model, self.layer, self.resid = model, layer, resid
         self.mask = _subject_mask(batch, resid.dtype)
@@ -245,7 +245,7 @@ class _PrefixCacheForward(_ValueForward):
     once, and each step runs blocks L.. on the suffix only (typically a third of the tokens).
     """
 
-    def __init__(self, model: HookedTransformer, layer: int, batch: _Batch) -> None:
+    def __init__(self, model: Model, layer: int, batch: _Batch) -> None:
         from transformer_lens import TransformerLensKeyValueCache
 
         self.model, self.layer = model, layer
@@ -298,7 +298,7 @@ def _picked_positions(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compute_value_delta(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     batch: _Batch,
     v_orig: Float[torch.Tensor, " d_model"],
@@ -386,7 +386,7 @@ def _capture(store: dict[int, torch.Tensor], layer: int) -> Callable[..., None]:
 
 
 def _entropy_gap(
-    model: HookedTransformer, states: list[Float[torch.Tensor, "rows d_model"]]
+    model: Model, states: list[Float[torch.Tensor, "rows d_model"]]
 ) -> torch.Tensor:
     """Mean over layers and rows of ``1 - H(logit lens) / log(V)`` (0 at maximum entropy)."""
     h = torch.cat(states)
@@ -398,7 +398,7 @@ def _entropy_gap(
 Objective = Literal["insertion", "erasure", "max_entropy"]
 
 
-def default_entropy_layers(model: HookedTransformer, layer: int, count: int = 6) -> list[int]:
+def default_entropy_layers(model: Model, layer: int, count: int = 6) -> list[int]:
     """Up to ``count`` evenly spaced layers from ``layer`` to the last (the last included)."""
     last = access.n_layers(model) - 1
     if last - layer + 1 <= count:
@@ -408,7 +408,7 @@ def default_entropy_layers(model: HookedTransformer, layer: int, count: int = 6)
 
 
 def compute_rome(
-    model: HookedTransformer,
+    model: Model,
     request: EditRequest,
     layer: int | Literal["auto"] | None = None,
     hparams: RomeHyperParams | None = None,

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 
-from transformer_lens import HookedTransformer
-
 from rome_lens._cache import cache_dir, write_json
+from rome_lens._typing import Model
 from rome_lens.models import access
 from rome_lens.rome.hparams import RomeHyperParams
 from rome_lens.sampling import sample_tokens
@@ -21,7 +20,7 @@ from rome_lens.sampling import sample_tokens
 logger = logging.getLogger(__name__)
 
 
-def context_templates(model: HookedTransformer, hparams: RomeHyperParams) -> list[str]:
+def context_templates(model: Model, hparams: RomeHyperParams) -> list[str]:
     """``["{}", "<ctx 1>. {}", ...]``: the bare prompt slot and the context-prefixed ones.
 
     Args:

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import CorruptEditFileError, EditStateError, FingerprintMismatchError
 from rome_lens.models import access
 from rome_lens.requests import EditRequest
@@ -59,7 +59,7 @@ class _Registry:
     applied: list[RomeEdit] = field(default_factory=list)
 
 
-def _registry(model: HookedTransformer, create: bool = False) -> _Registry | None:
+def _registry(model: Model, create: bool = False) -> _Registry | None:
     reg = model.__dict__.get(_REGISTRY_ATTR)
     if reg is None and create:
         reg = _Registry()
@@ -67,51 +67,54 @@ def _registry(model: HookedTransformer, create: bool = False) -> _Registry | Non
     return reg
 
 
-def base_fingerprint(model: HookedTransformer) -> str:
+def base_fingerprint(model: Model) -> str:
     """Fingerprint of the model's weights with every rome_lens edit removed."""
     reg = _registry(model)
     return access.weights_fingerprint(model, reg.originals if reg else None)
 
 
-def applied_edits(model: HookedTransformer) -> list[RomeEdit]:
+def applied_edits(model: Model) -> list[RomeEdit]:
     """The edits currently applied to ``model``, in application order."""
     reg = _registry(model)
     return list(reg.applied) if reg else []
 
 
-def revert_all(model: HookedTransformer) -> None:
+def revert_all(model: Model) -> None:
     """Revert every applied edit; the edited weights become bit-identical to the originals."""
     reg = _registry(model)
     if reg is None:
         return
     _check_untouched(model, reg)
-    with torch.no_grad():
-        for name, original in reg.originals.items():
-            _param(model, name).copy_(original)
+    for name, original in reg.originals.items():
+        _write(model, name, original)
     object.__delattr__(model, _REGISTRY_ATTR)
 
 
-def _param(model: HookedTransformer, name: str) -> torch.nn.Parameter:
-    return dict(model.named_parameters())[name]
+def _read(model: Model, name: str) -> torch.Tensor:
+    """The edited weight ``name`` in [d_mlp, d_model] layout, whatever the model API."""
+    return access.read_mlp_out(model, access.layer_of_weight_name(name))
 
 
-def _check_untouched(model: HookedTransformer, reg: _Registry) -> None:
+def _write(model: Model, name: str, value: torch.Tensor) -> None:
+    access.write_mlp_out(model, access.layer_of_weight_name(name), value)
+
+
+def _check_untouched(model: Model, reg: _Registry) -> None:
     for name, expected in reg.written.items():
-        if not torch.equal(_param(model, name).detach(), expected):
+        if not torch.equal(_read(model, name), expected):
             raise EditStateError(
                 f"{name} was changed outside rome_lens after an edit was applied; refusing to "
                 "overwrite it (call rome_lens.revert_all only if you want to discard that change)"
             )
 
 
-def _rewrite(model: HookedTransformer, reg: _Registry, name: str) -> None:
+def _rewrite(model: Model, reg: _Registry, name: str) -> None:
     """Set parameter ``name`` to original + the deltas of the applied edits on it, in order."""
     weight = reg.originals[name].clone()
     for edit in reg.applied:
         if edit.weight_name == name:
             weight += edit.delta()
-    with torch.no_grad():
-        _param(model, name).copy_(weight)
+    _write(model, name, weight)
     reg.written[name] = weight
 
 
@@ -160,11 +163,11 @@ class RomeEdit:
         """The weight change ``outer(left, right)`` in TransformerLens layout [d_mlp, d_model]."""
         return torch.outer(self.left, self.right)
 
-    def is_applied(self, model: HookedTransformer) -> bool:
+    def is_applied(self, model: Model) -> bool:
         """Whether this edit is currently applied to ``model``."""
         return any(e.id == self.id for e in applied_edits(model))
 
-    def _check_compatible(self, model: HookedTransformer) -> None:
+    def _check_compatible(self, model: Model) -> None:
         if not 0 <= self.layer < access.n_layers(model):
             raise FingerprintMismatchError(
                 f"edit is for layer {self.layer}; the model has {access.n_layers(model)} layers"
@@ -182,7 +185,7 @@ class RomeEdit:
                 f" ({self.model_name}), this model's unedited weights are {actual}"
             )
 
-    def apply(self, model: HookedTransformer) -> RomeEdit:
+    def apply(self, model: Model) -> RomeEdit:
         """Apply the edit in place (stacks on top of edits already applied).
 
         Raises:
@@ -206,7 +209,7 @@ class RomeEdit:
         logger.info("applied ROME edit %s at layer %d", self.id, self.layer)
         return self
 
-    def revert(self, model: HookedTransformer) -> None:
+    def revert(self, model: Model) -> None:
         """Undo the edit; the other applied edits stay, recomputed exactly.
 
         Raises:
@@ -223,15 +226,14 @@ class RomeEdit:
         if any(e.weight_name == name for e in reg.applied):
             _rewrite(model, reg, name)
         else:
-            with torch.no_grad():
-                _param(model, name).copy_(reg.originals.pop(name))
+            _write(model, name, reg.originals.pop(name))
             reg.written.pop(name, None)
         if not reg.applied:
             object.__delattr__(model, _REGISTRY_ATTR)
         logger.info("reverted ROME edit %s at layer %d", self.id, self.layer)
 
     @contextmanager
-    def applied(self, model: HookedTransformer) -> Iterator[HookedTransformer]:
+    def applied(self, model: Model) -> Iterator[Model]:
         """Context manager: apply on entry, revert on exit (even after an exception)."""
         self.apply(model)
         try:
@@ -284,7 +286,7 @@ def _checksum(meta: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def load_edit(
-    path: str | os.PathLike[str], model: HookedTransformer | None = None
+    path: str | os.PathLike[str], model: Model | None = None
 ) -> RomeEdit:
     """Load an edit saved by :meth:`RomeEdit.save`.
 

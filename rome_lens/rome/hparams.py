@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from transformer_lens import HookedTransformer
-
+from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError
 
 
@@ -96,7 +95,7 @@ _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def default_hparams(model: HookedTransformer) -> RomeHyperParams:
+def default_hparams(model: Model) -> RomeHyperParams:
     """Hyperparameters for ``model``, with its default layer filled in.
 
     Models without an entry get layer ``round(0.25 * n_layers)``: causal tracing puts factual

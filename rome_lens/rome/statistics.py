@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from rome_lens._cache import atomic_path, cache_dir
+from rome_lens._typing import Model
 from rome_lens.errors import NonFiniteError, RomeLensError
 from rome_lens.models import access
 from rome_lens.rome.hparams import RomeHyperParams
@@ -50,7 +50,7 @@ _CORPUS_TOP_K = 40
 
 
 def corpus_tokens(
-    model: HookedTransformer, corpus: Corpus, hparams: RomeHyperParams
+    model: Model, corpus: Corpus, hparams: RomeHyperParams
 ) -> tuple[Int[torch.Tensor, "seq pos"], str]:
     """Tokens of the statistics corpus and a short id that names it in cache keys.
 
@@ -126,7 +126,7 @@ def _is_file(path: Path) -> bool:
 
 
 def second_moment(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     corpus: Corpus = None,
     hparams: RomeHyperParams | None = None,

@@ -32,8 +32,8 @@ from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
 from rome_lens.requests import subject_token_span, target_tokens
@@ -50,7 +50,7 @@ _HOOKS: dict[str, Callable[[int], str]] = {
 }
 
 
-def embedding_std(model: HookedTransformer) -> float:
+def embedding_std(model: Model) -> float:
     """Standard deviation of all token-embedding entries (chunked, float64)."""
     w = access.embedding_matrix(model).detach()
     total, total_sq, count = 0.0, 0.0, 0
@@ -148,7 +148,7 @@ class CausalTraceResult:
 
 
 def _subject_noise_hook(
-    model: HookedTransformer, span: tuple[int, int], samples: int, std: float, seed: int
+    model: Model, span: tuple[int, int], samples: int, std: float, seed: int
 ) -> Callable[..., torch.Tensor]:
     """``hook_embed`` hook adding seeded Gaussian noise (one draw per sample row) to the subject."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -166,7 +166,7 @@ def _subject_noise_hook(
 
 
 def _answer_probability(
-    model: HookedTransformer, last_resid: Float[torch.Tensor, "rows d_model"], answer: int
+    model: Model, last_resid: Float[torch.Tensor, "rows d_model"], answer: int
 ) -> Float[torch.Tensor, " rows"]:
     return access.decode_residual(model, last_resid).softmax(-1)[:, answer]
 
@@ -178,7 +178,7 @@ def _window(layer: int, window: int, n_layers: int) -> list[int]:
 
 
 def causal_trace(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     answer: str | None = None,
@@ -298,7 +298,7 @@ class CorruptedRun:
     @torch.no_grad()
     def record(
         cls,
-        model: HookedTransformer,
+        model: Model,
         tokens: Int[torch.Tensor, "rows pos"],
         hooks: list[Hook],
         first_changed: int,
@@ -339,7 +339,7 @@ class CorruptedRun:
 
 
 def _restoration_grids(
-    model: HookedTransformer,
+    model: Model,
     kinds: Sequence[str],
     window: int,
     clean: dict[str, torch.Tensor],
@@ -432,7 +432,7 @@ def _position_buckets(first: int, n_tok: int, buckets: int) -> list[tuple[int, i
 
 @torch.no_grad()
 def _batched_layer(
-    model: HookedTransformer,
+    model: Model,
     corrupted: CorruptedRun,
     start: int,
     names: list[str],
@@ -485,7 +485,7 @@ def _batched_layer(
 
 @torch.no_grad()
 def restored_probability(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     restore: Sequence[tuple[str, int]],

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import RomeLensError
 from rome_lens.predict import next_token_logprobs
 from rome_lens.requests import target_tokens
@@ -62,7 +62,7 @@ def load_known_facts(path: str | os.PathLike[str]) -> list[Fact]:
     ]
 
 
-def model_knows(model: HookedTransformer, fact: Fact) -> bool:
+def model_knows(model: Model, fact: Fact) -> bool:
     """Whether the model's top-1 next token is the first token of the answer."""
     try:
         first = int(target_tokens(model, fact.answer)[0])
@@ -178,7 +178,7 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> TraceSummary:
 
 
 def trace_dataset(
-    model: HookedTransformer,
+    model: Model,
     facts: Sequence[Fact],
     out: str | os.PathLike[str] | None = None,
     kinds: Sequence[str] = KINDS,

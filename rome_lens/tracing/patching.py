@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Literal, cast
 
 import torch
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
 from rome_lens.requests import target_tokens
@@ -37,7 +37,7 @@ from rome_lens.tracing.causal import (
 
 @torch.no_grad()
 def activation_patch(
-    model: HookedTransformer,
+    model: Model,
     clean_prompt: str,
     corrupt_prompt: str,
     answer: str | None = None,
