@@ -132,7 +132,7 @@ def compute_ft_l(
     for step in range(hparams.steps):
         with model.hooks(fwd_hooks=[(access.key_hook_name(layer), store_key)]), \
                 access.raw_mlp_output_hook(model, layer, add_change):
-            final = model(tokens, stop_at_layer=access.n_layers(model))
+            final = access.final_residual(model, tokens)
         logp = access.decode_residual(model, final[0, positions]).log_softmax(-1)
         loss = -logp.gather(-1, new_ids.to(logp.device)[:, None]).mean()
         if not torch.isfinite(loss):

@@ -13,7 +13,7 @@ from rome_lens.requests import target_tokens
 def next_token_logprobs(model: Model, prompt: str) -> torch.Tensor:
     """Log-probabilities of the next token after ``prompt`` (only the last position decoded)."""
     tokens = access.to_tokens(model, prompt)[None]
-    resid = model(tokens, stop_at_layer=access.n_layers(model))
+    resid = access.final_residual(model, tokens)
     return access.decode_residual(model, resid[0, -1]).log_softmax(-1)
 
 
@@ -43,7 +43,7 @@ def target_logprob(model: Model, prompt: str, target: str) -> float:
     target_ids = target_tokens(model, target).to(prompt_ids.device)
     tokens = torch.cat([prompt_ids, target_ids])[None]
     access.check_fits(model, tokens.shape[1])
-    resid = model(tokens, stop_at_layer=access.n_layers(model))
+    resid = access.final_residual(model, tokens)
     n = prompt_ids.shape[0]
     positions = torch.arange(n - 1, n - 1 + target_ids.shape[0], device=tokens.device)
     logp = access.decode_residual(model, resid[0, positions]).log_softmax(-1)

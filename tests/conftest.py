@@ -1,18 +1,25 @@
-"""Shared fixtures: tiny random HookedTransformers with a character-level tokenizer."""
+"""Shared fixtures: tiny random models with a character-level tokenizer.
+
+The ``model`` fixture runs each test on a HookedTransformer with GPT-2 layout ("gpt2"), one
+with Gemma layout ("gemma") and a TransformerBridge around a Hugging Face Gemma 3 ("bridge"),
+so every feature is checked through both model APIs.
+"""
 
 from __future__ import annotations
 
 import pytest
-from tiny import CHARS, char_tokenizer, tiny_model  # noqa: F401  (re-exported for tests)
+from tiny import CHARS, char_tokenizer, tiny_bridge, tiny_model  # noqa: F401  (re-exported)
 from transformer_lens import HookedTransformer
 
 from rome_lens import RomeHyperParams
 
 
-@pytest.fixture(params=["gpt2", "gemma"])
+@pytest.fixture(params=["gpt2", "gemma", "bridge"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
           monkeypatch: pytest.MonkeyPatch) -> HookedTransformer:
     monkeypatch.setenv("ROME_LENS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    if request.param == "bridge":
+        return tiny_bridge()
     return tiny_model(request.param)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import string
 import tempfile
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -41,7 +42,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(kind: str = "gpt2", seed: int = 0, n_layers: int = 3) -> HookedTransformer:
     """A tiny random model: 'gpt2' (LayerNorm, GELU MLP with bias) or 'gemma' (RMS, gated MLP,
-    norms before and after each sublayer, rotary)."""
+    norms before and after each sublayer, rotary); 'bridge' gives :func:`tiny_bridge`."""
+    if kind == "bridge":
+        return tiny_bridge(seed=seed, n_layers=n_layers)  # type: ignore[no-any-return]
     tok = char_tokenizer()
     common = dict(
         n_layers=n_layers, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=128,
@@ -59,3 +62,32 @@ def tiny_model(kind: str = "gpt2", seed: int = 0, n_layers: int = 3) -> HookedTr
     model = HookedTransformer(cfg, tokenizer=tok)
     model.eval()
     return model
+
+
+def tiny_bridge(seed: int = 0, n_layers: int = 3) -> Any:
+    """A tiny random Gemma 3 Hugging Face model wrapped in a TransformerLens TransformerBridge
+    (raw mode: Hugging Face weights and layout), with the character-level tokenizer."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = char_tokenizer()
+    types = ["sliding_attention"] * (n_layers - 1) + ["full_attention"]
+    config = Gemma3TextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=128, sliding_window=16, layer_types=types,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        initializer_range=0.8 / 32**0.5,  # TransformerLens's tiny-model scale, not HF's 0.02
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(seed)
+    hf_model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from their all-ones init, so they matter in tests
+        for name, param in hf_model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    bridge = TransformerBridge.boot_transformers(
+        "tiny-gemma3", hf_model=hf_model, tokenizer=tok, device="cpu", dtype=torch.float32
+    )
+    bridge.eval()
+    return bridge

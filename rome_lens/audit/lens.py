@@ -174,9 +174,7 @@ def _training_states(
     names = [access.resid_post_hook_name(layer) for layer in range(n_layers)]
     states: list[list[torch.Tensor]] = [[] for _ in names]
     for row in tokens.split(8):
-        _, cache = model.run_with_cache(
-            row.to(model.cfg.device), names_filter=lambda n: n in names, stop_at_layer=n_layers
-        )
+        _, cache = access.run_with_states(model, row.to(model.cfg.device), names)
         for i, name in enumerate(names):
             states[i].append(cache[name][:, 1:].reshape(-1, cache[name].shape[-1]).float().cpu())
     stacked = torch.stack([torch.cat(s) for s in states])

@@ -224,9 +224,7 @@ def _layer_states(
     names = [access.resid_post_hook_name(layer) for layer in range(n_layers)]
     tokens = access.to_tokens(model, text).to(model.cfg.device)[None].expand(samples, -1)
     with model.hooks(fwd_hooks=hooks or []):
-        _, cache = model.run_with_cache(
-            tokens, names_filter=lambda n: n in names, stop_at_layer=n_layers
-        )
+        _, cache = access.run_with_states(model, tokens, names)
     return torch.stack([cache[n][:, positions] for n in names], dim=1)
 
 
@@ -287,13 +285,11 @@ def _structural_check(
     caches = []
     for post in (False, True):
         with _state(model, edits, post):
-            _, cache = model.run_with_cache(
-                tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1
-            )
+            _, cache = access.run_with_states(model, tokens, names, stop_at_layer=layer + 1)
         caches.append(cache)
-    differing = [n for n in names if n in caches[0].cache_dict
+    differing = [n for n in names if n in caches[0]
                  and not torch.equal(caches[0][n], caches[1][n])]
-    compared = [n for n in names if n in caches[0].cache_dict]
+    compared = [n for n in names if n in caches[0]]
     result = {"compared": compared, "identical": not differing, "differing": differing}
     if differing:
         raise EditStateError(
@@ -598,7 +594,7 @@ def _consistency(
         row: dict[str, Any] = {"prompt": prompt, "old": old, "new": new}
         for post in (False, True):
             with _state(model, edits, post):
-                final = model(tokens, stop_at_layer=access.n_layers(model))[0, -1]
+                final = access.final_residual(model, tokens)[0, -1]
             probs = access.decode_residual(model, final).softmax(-1)
             tag = "post" if post else "pre"
             row[f"{tag}_p_old"], row[f"{tag}_p_new"] = float(probs[t_old]), float(probs[t_new])

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,14 +144,14 @@ def mlp_out_parameter(model: Model, layer: int) -> tuple[str, nn.Parameter, bool
     """
     layer = check_layer(model, layer)
     if is_bridge(model):
-        out = model.blocks[layer].mlp.out
-        weight = out.original_component.weight
-        d_mlp = int(model.cfg.d_mlp)
+        bridge: Any = model
+        weight = bridge.blocks[layer].mlp.out.original_component.weight
+        d_mlp = int(bridge.cfg.d_mlp)
         transposed = weight.ndim == 2 and weight.shape[1] == d_mlp
         if not transposed and not (weight.ndim == 2 and weight.shape[0] == d_mlp):
             raise TypeError(f"blocks.{layer}.mlp.out.weight has shape {tuple(weight.shape)}")
         names = {id(p): n for n, p in model.named_parameters()}
-        return names[id(weight)], weight, transposed
+        return names[id(weight)], weight, bool(transposed)
     weight = model.blocks[layer].mlp.W_out
     if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
         raise TypeError(f"blocks.{layer}.mlp.W_out is not a 2-D parameter: {type(weight)}")
@@ -199,8 +200,9 @@ def layer_of_weight_name(name: str) -> int:
 def mlp_out_bias(model: Model, layer: int) -> torch.Tensor | None:
     """Bias of the MLP output projection (``None`` when the model has none)."""
     if is_bridge(model):
+        bridge: Any = model
         bias = getattr(
-            model.blocks[check_layer(model, layer)].mlp.out.original_component, "bias", None
+            bridge.blocks[check_layer(model, layer)].mlp.out.original_component, "bias", None
         )
         return bias if isinstance(bias, torch.Tensor) else None
     bias = getattr(model.blocks[check_layer(model, layer)].mlp, "b_out", None)
@@ -274,8 +276,8 @@ def _bridge_final_hook_name(model: Model) -> str:
 def _bridge_forward_to_final(
     model: Model,
     tokens: Int[torch.Tensor, "batch pos"],
-    extra_hooks: list[tuple[str, Callable[..., object]]] | None = None,
-    **kwargs: object,
+    extra_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] | None = None,
+    **kwargs: Any,
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """Bridge forward that returns the last block's output and never computes the logits."""
     captured: dict[str, torch.Tensor] = {}
@@ -284,7 +286,10 @@ def _bridge_forward_to_final(
         captured["final"] = act
         raise _StopForward
 
-    hooks = [*(extra_hooks or []), (_bridge_final_hook_name(model), capture)]
+    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+        *(extra_hooks or []),
+        (_bridge_final_hook_name(model), capture),
+    ]
     try:
         with model.hooks(fwd_hooks=hooks):
             model(tokens, **kwargs)
@@ -296,7 +301,7 @@ def _bridge_forward_to_final(
 
 
 def final_residual(
-    model: Model, tokens: Int[torch.Tensor, "batch pos"], **kwargs: object
+    model: Model, tokens: Int[torch.Tensor, "batch pos"], **kwargs: Any
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """The residual stream after the last block (before the final norm); no logits computed.
 
@@ -305,6 +310,52 @@ def final_residual(
     if is_bridge(model):
         return _bridge_forward_to_final(model, tokens, **kwargs)
     return model(tokens, stop_at_layer=n_layers(model), **kwargs)
+
+
+def run_with_states(
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    names: Collection[str],
+    stop_at_layer: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass that keeps the activations of the hooks ``names``.
+
+    Args:
+        model: the model.
+        tokens: input tokens.
+        names: hook names to keep (HookedTransformer names; aliases on a bridge).
+        stop_at_layer: ``None`` runs every block; ``k`` stops before block ``k``.
+        **kwargs: passed to the forward pass (e.g. ``attention_mask``).
+
+    Returns:
+        ``(residual, states)``: the residual after the last block run (never logits) and
+        ``{name: activation}`` for the names that fired.
+    """
+    wanted = set(names)
+    if not is_bridge(model):
+        stop = n_layers(model) if stop_at_layer is None else stop_at_layer
+        hooked: Any = model
+        out, cache = hooked.run_with_cache(
+            tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop, **kwargs
+        )
+        return out, {n: cache[n] for n in wanted if n in cache.cache_dict}
+    states: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str) -> Callable[..., Any]:
+        def keep(act: torch.Tensor, hook: object = None) -> None:
+            states[name] = act
+
+        return keep
+
+    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+        (name, keeper(name)) for name in wanted
+    ]
+    if stop_at_layer is None or stop_at_layer >= n_layers(model):
+        return _bridge_forward_to_final(model, tokens, extra_hooks=hooks, **kwargs), states
+    with model.hooks(fwd_hooks=hooks):
+        out = model(tokens, stop_at_layer=stop_at_layer, **kwargs)
+    return out, states
 
 
 def run_blocks_from(
@@ -384,7 +435,8 @@ class IncrementalDecoder:
     ) -> Float[torch.Tensor, "batch d_vocab"]:
         """Feed ``tokens`` (the prompt first, then one token per row); logits of the next."""
         if is_bridge(self.model):
-            out = self.model.original_model(
+            bridge: Any = self.model
+            out = bridge.original_model(
                 input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1
             )
             self.cache = out.past_key_values

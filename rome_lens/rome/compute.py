@@ -437,6 +437,8 @@ def compute_rome(
             on whole prompts from the fixed residual entering L), or ``"naive"`` (full forward
             passes with full-vocabulary logits everywhere: the reference implementation's cost,
             kept as the benchmark baseline). All three give the same edit up to float rounding.
+            A TransformerBridge has no TransformerLens key-value cache: ``"prefix_cache"``
+            runs as ``"residual"`` there.
         objective: what the value v* optimises (Hase et al. 2023; Patil et al. 2023):
             ``"insertion"`` (default, error injection: NLL of ``target_new``), ``"erasure"``
             (Fact Erasure: ``-log(1 - p(target_true))``), or ``"max_entropy"`` (Patil et al.'s
@@ -513,6 +515,8 @@ def compute_rome(
         ]
         if any(lyr < layer for lyr in entropy_layers):
             raise LayerOutOfRangeError(f"entropy_layers must be >= the edit layer {layer}")
+    if loop == "prefix_cache" and access.is_bridge(model):
+        loop = "residual"  # the bridge has no TransformerLens key-value cache
     k_star, resid = _keys_and_residual(model, layer, batch, keep_residual=loop == "residual")
     if not torch.isfinite(k_star).all():
         raise NonFiniteError(f"the subject's key at layer {layer} is not finite")
@@ -556,7 +560,8 @@ def compute_rome(
         hparams=hparams,
         fingerprint=base_fingerprint(model),
         model_name=access.model_label(model),
-        info={"losses": losses, "timings": timings, "loop": loop, "objective": objective}
+        info={"losses": losses, "timings": timings, "loop": loop, "objective": objective,
+              "api": access.api_name(model), "weight_space": access.weight_space(model)}
         | ({"entropy_layers": list(entropy_layers or ())} if objective == "max_entropy" else {})
         | ({"auto_layer": auto_info} if auto_info else {}),
     )

@@ -204,7 +204,8 @@ def causal_trace(
         noise: noise std (default ``3 x`` :func:`embedding_std`).
         window: layers restored together for mlp and attn (centred, as in the paper).
         seed: seed of the noise.
-        method: ``"batched"`` (fast) or ``"reference"`` (one forward per cell).
+        method: ``"batched"`` (fast) or ``"reference"`` (one forward per cell). A
+            TransformerBridge always runs ``"reference"`` (same numbers, slower).
         batch_size: rows per batched forward pass (memory budget).
 
     Returns:
@@ -219,6 +220,8 @@ def causal_trace(
         raise InvalidRequestError(
             f"kinds must be among {KINDS} (got {list(kinds)}), samples and window >= 1"
         )
+    if method == "batched" and access.is_bridge(model):
+        method = "reference"  # the batched grids reuse TransformerLens key-value caches
     tokens, span = subject_token_span(model, prompt, subject)
     tokens = tokens.to(model.cfg.device)
     n_layers, n_tok = access.n_layers(model), int(tokens.shape[0])
@@ -227,10 +230,8 @@ def causal_trace(
 
     hook_names = [_HOOKS[k](layer) for k in kinds for layer in range(n_layers)]
     with torch.no_grad():
-        _, clean_cache = model.run_with_cache(
-            tokens[None], names_filter=lambda n: n in hook_names, stop_at_layer=n_layers
-        )
-        clean_final = model(tokens[None], stop_at_layer=n_layers)[0, -1]
+        clean_resid, clean_cache = access.run_with_states(model, tokens[None], hook_names)
+        clean_final = clean_resid[0, -1]
         clean_logp = access.decode_residual(model, clean_final).softmax(-1)
         if answer is None:
             answer_id = int(clean_logp.argmax())
@@ -304,20 +305,26 @@ class CorruptedRun:
         first_changed: int,
     ) -> CorruptedRun:
         """Run ``tokens`` with ``hooks`` (e.g. the noise) and keep residuals, keys and values."""
-        from transformer_lens import TransformerLensKeyValueCache
-
         n_layers = access.n_layers(model)
         names = {access.resid_pre_hook_name(layer) for layer in range(n_layers)}
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
-        with model.hooks(fwd_hooks=hooks):
-            final, cache = model.run_with_cache(
-                tokens, names_filter=lambda n: n in names, stop_at_layer=n_layers,
-                past_kv_cache=kv,
-            )
+        if access.is_bridge(model):  # no TransformerLens key-value cache: reference grids only
+            with model.hooks(fwd_hooks=hooks):
+                final, cache = access.run_with_states(model, tokens, names)
+            keys: list[torch.Tensor] = []
+            values: list[torch.Tensor] = []
+        else:
+            from transformer_lens import TransformerLensKeyValueCache
+
+            kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device,
+                                                         tokens.shape[0])
+            with model.hooks(fwd_hooks=hooks):
+                final, cache = access.run_with_states(model, tokens, names, past_kv_cache=kv)
+            keys = [entry.past_keys for entry in kv.entries]
+            values = [entry.past_values for entry in kv.entries]
         return cls(
             resid_pre=[cache[access.resid_pre_hook_name(layer)] for layer in range(n_layers)],
-            keys=[entry.past_keys for entry in kv.entries],
-            values=[entry.past_values for entry in kv.entries],
+            keys=keys,
+            values=values,
             final_last=cast(torch.Tensor, final)[:, -1],
             first_changed=first_changed,
         )

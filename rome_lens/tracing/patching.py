@@ -67,6 +67,8 @@ def activation_patch(
     """
     if any(k not in _HOOKS for k in kinds):
         raise InvalidRequestError(f"kinds must be among {KINDS}, got {list(kinds)}")
+    if method == "batched" and access.is_bridge(model):
+        method = "reference"  # the batched grids reuse TransformerLens key-value caches
     clean_tokens = access.to_tokens(model, clean_prompt).to(model.cfg.device)
     corrupt_tokens = access.to_tokens(model, corrupt_prompt).to(model.cfg.device)
     if clean_tokens.shape != corrupt_tokens.shape:
@@ -76,9 +78,7 @@ def activation_patch(
         )
     n_layers, n_tok = access.n_layers(model), int(clean_tokens.shape[0])
     names = [_HOOKS[k](layer) for k in kinds for layer in range(n_layers)]
-    clean_final, clean_cache = model.run_with_cache(
-        clean_tokens[None], names_filter=lambda n: n in names, stop_at_layer=n_layers
-    )
+    clean_final, clean_cache = access.run_with_states(model, clean_tokens[None], names)
     probs = access.decode_residual(model, cast(torch.Tensor, clean_final)[0, -1]).softmax(-1)
     answer_id = int(probs.argmax()) if answer is None else int(target_tokens(model, answer)[0])
     differ = (clean_tokens != corrupt_tokens).nonzero().flatten().tolist()

@@ -55,7 +55,9 @@ def one_thread() -> Iterator[None]:
 
 
 def model_kind(model: HookedTransformer) -> str:
-    """'gpt2' or 'gemma', the kind of a conftest tiny model."""
+    """'gpt2', 'gemma' or 'bridge', the kind of a conftest tiny model."""
+    if access.is_bridge(model):
+        return "bridge"
     return "gpt2" if model.cfg.normalization_type == "LN" else "gemma"
 
 

@@ -71,6 +71,8 @@ def _readout(model: HookedTransformer, token: int) -> torch.Tensor:
     """Unit direction of the residual that the unembedding of ``token`` reads (through ln_final)."""
     d = model.W_U[:, token].detach().clone()
     w = getattr(model.ln_final, "w", None)
+    if access.is_bridge(model):  # Hugging Face Gemma RMSNorm scales by (1 + weight)
+        w = 1.0 + model.ln_final.original_component.weight
     if w is not None:
         d = d * w.detach()
     if model_kind(model) == "gpt2":

@@ -7,6 +7,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens.models import access
 from rome_lens.tracing import causal_trace, embedding_std, restored_probability
 
 PROMPT = "The big cat sat on the mat"
@@ -62,8 +63,17 @@ def test_noise_touches_only_subject_positions(model: HookedTransformer) -> None:
 
 def test_default_noise_is_three_embedding_stds(model: HookedTransformer) -> None:
     trace = causal_trace(model, PROMPT, SUBJECT, kinds=(), samples=2)
-    assert trace.noise_std == pytest.approx(3 * float(model.W_E.std()), rel=1e-3)
-    assert embedding_std(model) == pytest.approx(float(model.W_E.std()), rel=1e-3)
+    emb = access.embedding_matrix(model)
+    assert trace.noise_std == pytest.approx(3 * float(emb.std()), rel=1e-3)
+    assert embedding_std(model) == pytest.approx(float(emb.std()), rel=1e-3)
+
+
+def test_embedding_matrix_rows_are_what_hook_embed_emits(model: HookedTransformer) -> None:
+    """On a Gemma bridge hook_embed fires after the sqrt(d_model) scale; the matrix includes it."""
+    tokens = model.to_tokens(PROMPT)
+    _, states = access.run_with_states(model, tokens, [access.EMBED_HOOK])
+    torch.testing.assert_close(states[access.EMBED_HOOK][0],
+                               access.embedding_matrix(model)[tokens[0]].detach())
 
 
 def test_result_value(model: HookedTransformer, tmp_path) -> None:

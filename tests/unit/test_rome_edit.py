@@ -127,10 +127,11 @@ def test_apply_is_rank_one_and_equals_delta(model, hparams) -> None:
 
 def test_edited_mlp_maps_k_star_to_v_star(model, hparams) -> None:
     # give b_out non-zero values so that the bias path of the value is exercised
-    with torch.no_grad():
-        bias = access.mlp_out_bias(model, 1)
-        assert bias is not None
-        bias.copy_(torch.linspace(-0.5, 0.5, bias.shape[0]))
+    bias = access.mlp_out_bias(model, 1)
+    assert (bias is None) == access.is_bridge(model)  # Hugging Face Gemma 3 has no MLP bias
+    if bias is not None:
+        with torch.no_grad():
+            bias.copy_(torch.linspace(-0.5, 0.5, bias.shape[0]))
     edit = cached_edit(model, SAME_LAYER[2], 1, hparams)
     v_before = access.mlp_value(model, 1, edit.k_star).detach()
     assert (v_before - edit.v_star).norm() > 1e-2  # the edit has something to do
@@ -142,8 +143,10 @@ def test_edited_mlp_maps_k_star_to_v_star(model, hparams) -> None:
 
 def test_mlp_value_is_the_raw_mlp_output(model) -> None:
     """access.mlp_value(key) is what the MLP module actually outputs (before any post-norm)."""
-    with torch.no_grad():
-        access.mlp_out_bias(model, 1).copy_(torch.linspace(-1, 1, model.cfg.d_model))
+    bias = access.mlp_out_bias(model, 1)
+    if bias is not None:
+        with torch.no_grad():
+            bias.copy_(torch.linspace(-1, 1, model.cfg.d_model))
     seen: list[torch.Tensor] = []
     tokens = model.to_tokens("Alice Smith lives in")
     with access.raw_mlp_output_hook(model, 1, lambda out: seen.append(out.detach())):
