@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 CHARS = string.ascii_letters + string.digits + " .,'?!-:;{}()"
@@ -40,11 +39,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(_tokenizer_dir())
 
 
-def tiny_model(kind: str = "gpt2", seed: int = 0, n_layers: int = 3) -> HookedTransformer:
+def tiny_model(kind: str = "gpt2", seed: int = 0, n_layers: int = 3) -> Any:
     """A tiny random model: 'gpt2' (LayerNorm, GELU MLP with bias) or 'gemma' (RMS, gated MLP,
     norms before and after each sublayer, rotary); 'bridge' gives :func:`tiny_bridge`."""
     if kind == "bridge":
-        return tiny_bridge(seed=seed, n_layers=n_layers)  # type: ignore[no-any-return]
+        return tiny_bridge(seed=seed, n_layers=n_layers)
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # 3.9 only
     tok = char_tokenizer()
     common = dict(
         n_layers=n_layers, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=128,

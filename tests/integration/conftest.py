@@ -6,14 +6,18 @@ one-time conversion and key statistics are reused across runs on the same machin
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens._typing import Model as HookedTransformer
 
 
 @pytest.fixture(scope="session")
 def gemma() -> HookedTransformer:
+    if importlib.util.find_spec("transformer_lens.HookedTransformer") is None:
+        pytest.skip("TransformerLens 4.x: no HookedTransformer")
     return rome_lens.load_model()
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.audit import ERASURE, INSERTION, probe_edit
 
 PARAPHRASES = ["The Eiffel Tower, a famous landmark, is in the city of"]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models import access
 from rome_lens.models.loading import embedded_gguf_path
 from rome_lens.predict import top_tokens

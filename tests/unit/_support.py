@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import torch
 from tiny import CHARS, tiny_model  # tests/ is on sys.path (rootdir conftest)
-from transformer_lens import HookedTransformer
 
 import rome_lens
 from rome_lens import EditRequest, RomeEdit, RomeHyperParams
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models import access
 
 __all__ = [

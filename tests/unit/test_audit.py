@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 from _support import STATS_CORPUS, cached_edit, key_stats, model_kind
-from transformer_lens import HookedTransformer
 
 import rome_lens
 from rome_lens import EditRequest
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.audit import (
     ERASURE,
     INSERTION,

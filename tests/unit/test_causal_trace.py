@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models import access
 from rome_lens.tracing import causal_trace, embedding_std, restored_probability
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models import access
 
 

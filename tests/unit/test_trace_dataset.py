@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
+from rome_lens._typing import Model as HookedTransformer
 from rome_lens.tracing import TOKEN_CLASSES, Fact, causal_trace, trace_dataset
 from rome_lens.tracing.dataset import class_effects, token_class_of
 
