@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -12,7 +13,6 @@ from typing import Any
 
 def provenance(seed: int | None = None) -> dict[str, Any]:
     import torch
-    import transformer_lens
 
     try:
         rev = subprocess.run(
@@ -31,9 +31,8 @@ def provenance(seed: int | None = None) -> dict[str, Any]:
         "git_dirty": dirty,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "transformer_lens": transformer_lens.__version__
-        if hasattr(transformer_lens, "__version__")
-        else "unknown",
+        "transformer_lens": _version("transformer-lens"),
+        "transformers": _version("transformers"),
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cpus": os.cpu_count(),
@@ -41,3 +40,10 @@ def provenance(seed: int | None = None) -> dict[str, Any]:
         "seed": seed,
         "command": " ".join(sys.argv),
     }
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
