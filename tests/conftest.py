@@ -7,16 +7,19 @@ so every feature is checked through both model APIs.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from tiny import CHARS, char_tokenizer, tiny_bridge, tiny_model  # noqa: F401  (re-exported)
+from tiny import (  # noqa: F401  (re-exported)
+    CHARS,
+    HAS_HOOKED,
+    char_tokenizer,
+    tiny_bridge,
+    tiny_model,
+)
 
 from rome_lens import RomeHyperParams
 from rome_lens._typing import Model as HookedTransformer
 
 # TransformerLens 4.x has no HookedTransformer: there the suite runs on the bridge only.
-HAS_HOOKED = importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
 KINDS = ["gpt2", "gemma", "bridge"] if HAS_HOOKED else ["bridge"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import string
 import tempfile
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+# TransformerLens 4.x has no HookedTransformer: there the suite runs on the bridge only.
+HAS_HOOKED = importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
 CHARS = string.ascii_letters + string.digits + " .,'?!-:;{}()"
 
 

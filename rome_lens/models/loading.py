@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -56,10 +57,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tl_name: str | None = None,
     fast_mlp: bool = True,
-    api: Literal["hooked", "bridge"] = "hooked",
+    api: Literal["auto", "hooked", "bridge"] = "auto",
     **from_pretrained_kwargs: Any,
 ) -> HookedTransformer:
-    """Load a model as a HookedTransformer.
+    """Load a model as a HookedTransformer (or a TransformerBridge).
 
     Args:
         name: ``None`` for the embedded google/gemma-3-270m; a path to a ``.gguf`` file or a
@@ -69,7 +70,9 @@ def load_model(
         tl_name: TransformerLens architecture name to use for a local file or directory
             (default: read from the file, e.g. ``"google/gemma-3-270m"``).
         api: ``"hooked"`` for a HookedTransformer (TransformerLens 3.9), ``"bridge"`` for a
-            TransformerBridge in raw mode (TransformerLens 3.9 and 4.x; Hugging Face weights).
+            TransformerBridge in raw mode (TransformerLens 3.9 and 4.x; Hugging Face weights),
+            ``"auto"`` (default) for ``"hooked"`` where the installed TransformerLens has
+            HookedTransformer and ``"bridge"`` where it does not (4.x).
         fast_mlp: give gated MLPs a copy-free forward (:mod:`rome_lens.models.speed`; same
             values up to float32 rounding, ~2x faster sampling on CPU).
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained`` for model
@@ -85,8 +88,15 @@ def load_model(
         >>> model = load_model()                      # embedded default
         >>> gpt2 = load_model("gpt2-xl")              # when its weights are available
     """
-    if api not in ("hooked", "bridge"):
-        raise ValueError(f"api must be 'hooked' or 'bridge', got {api!r}")
+    if api not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
+    if api == "auto":
+        api = "hooked" if has_hooked_transformer() else "bridge"
+    elif api == "hooked" and not has_hooked_transformer():
+        raise ImportError(
+            "api='hooked' needs TransformerLens 3.9.x (4.x removed HookedTransformer); "
+            "use api='bridge' or install transformer-lens==3.9.*"
+        )
     if api == "bridge":
         return _load_bridge(name, tl_name, device, dtype)
     if name is None or str(name) == DEFAULT_MODEL:
@@ -106,6 +116,11 @@ def load_model(
     if fast_mlp:
         install_fast_mlp(model)
     return model
+
+
+def has_hooked_transformer() -> bool:
+    """Whether the installed TransformerLens still has HookedTransformer (3.9.x, not 4.x)."""
+    return importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
 
 
 def _load_bridge(

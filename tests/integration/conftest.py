@@ -6,8 +6,6 @@ one-time conversion and key statistics are reused across runs on the same machin
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 import rome_lens
@@ -16,8 +14,7 @@ from rome_lens._typing import Model as HookedTransformer
 
 @pytest.fixture(scope="session")
 def gemma() -> HookedTransformer:
-    if importlib.util.find_spec("transformer_lens.HookedTransformer") is None:
-        pytest.skip("TransformerLens 4.x: no HookedTransformer")
+    """The embedded model: a HookedTransformer on TransformerLens 3.9, a bridge on 4.x."""
     return rome_lens.load_model()
 
 

@@ -1,62 +1,81 @@
 """The embedded model through TransformerLens's TransformerBridge gives the same results as
-through HookedTransformer: predictions, ROME edits and causal-trace grids (issue 7)."""
+through HookedTransformer: predictions, ROME edits and causal-trace grids (issue 7).
+
+Under TransformerLens 3.9 both APIs are compared live, and the HookedTransformer's numbers are
+checked against ``hooked_reference.json``; under 4.x (no HookedTransformer) the bridge is
+compared with that file.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import hooked_reference as ref
 import pytest
 import torch
 
 import rome_lens
 from rome_lens.models import access
-from rome_lens.predict import next_token_logprobs
+from rome_lens.models.loading import has_hooked_transformer
 from rome_lens.requests import target_tokens
-from rome_lens.tracing import causal_trace
 
-PROMPTS = [
-    "The Eiffel Tower is located in the city of",  # the edit prompt
-    "The Eiffel Tower can be found in the city of",  # a paraphrase
-    "The Louvre is located in the city of",  # a neighbour
-    "Steve Jobs was the founder of",
-]
+pytestmark = pytest.mark.integration
+needs_hooked = pytest.mark.skipif(
+    not has_hooked_transformer(), reason="TransformerLens 4.x: no HookedTransformer"
+)
 
 
 @pytest.fixture(scope="module")
-def bridge() -> Any:
-    return rome_lens.load_model(api="bridge")
+def bridge(gemma: Any) -> Any:
+    return gemma if access.is_bridge(gemma) else rome_lens.load_model(api="bridge")
 
 
-def _probs(model: Any) -> torch.Tensor:
-    return torch.stack([next_token_logprobs(model, p).exp() for p in PROMPTS])
+@pytest.fixture(scope="module")
+def bridge_edit(gemma: Any, bridge: Any, eiffel_edit: rome_lens.RomeEdit) -> rome_lens.RomeEdit:
+    if bridge is gemma:
+        return eiffel_edit  # 4.x: computed on the bridge from its own statistics
+    before = access.parameters_checksum(bridge)
+    stats = rome_lens.second_moment(gemma, eiffel_edit.layer)  # C is a property of the weights
+    edit = rome_lens.compute_rome(bridge, ref.REQUEST, stats=stats)
+    assert access.parameters_checksum(bridge) == before  # computing does not edit
+    return edit
 
 
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return ref.load()
+
+
+def _assert_close_to_reference(probs: torch.Tensor, stored: dict[str, Any], tol: float) -> None:
+    ids = torch.tensor(stored["ids"])
+    assert torch.equal(probs.argmax(-1), ids[:, 0])  # same top-1 for every prompt
+    diff = (probs.gather(1, ids) - torch.tensor(stored["probs"])).abs().max()
+    assert float(diff) < tol, float(diff)
+
+
+@needs_hooked
 def test_bridge_is_raw_and_predicts_like_hooked(gemma: Any, bridge: Any) -> None:
     assert access.is_bridge(bridge) and not access.is_bridge(gemma)
     assert access.weight_space(bridge) == "bridge-raw"
     for layer in (0, 1, 17):
         assert torch.equal(access.read_mlp_out(bridge, layer), access.read_mlp_out(gemma, layer))
-    p_hooked, p_bridge = _probs(gemma), _probs(bridge)
+    p_hooked, p_bridge = ref.probabilities(gemma), ref.probabilities(bridge)
     assert torch.equal(p_hooked.argmax(-1), p_bridge.argmax(-1))
     assert float((p_hooked - p_bridge).abs().max()) < 1e-4
 
 
+@needs_hooked
 def test_same_rome_edit_through_both_apis(
-    gemma: Any, bridge: Any, eiffel_edit: rome_lens.RomeEdit
+    gemma: Any, bridge: Any, eiffel_edit: rome_lens.RomeEdit, bridge_edit: rome_lens.RomeEdit
 ) -> None:
     before = access.parameters_checksum(bridge)
-    stats = rome_lens.second_moment(gemma, eiffel_edit.layer)  # C is a property of the weights
-    edit = rome_lens.compute_rome(bridge, eiffel_edit.request, stats=stats)
-    assert access.parameters_checksum(bridge) == before  # computing does not edit
-    assert edit.info["weight_space"] == "bridge-raw"
+    assert bridge_edit.info["weight_space"] == "bridge-raw"
     assert eiffel_edit.info["weight_space"] == "hooked"
-    assert edit.fingerprint != eiffel_edit.fingerprint  # fingerprints name the weight space
-    rel = float((edit.delta() - eiffel_edit.delta()).norm() / eiffel_edit.delta().norm())
-    assert rel < 1e-2
-    with eiffel_edit.applied(gemma), edit.applied(bridge):
-        p_hooked, p_bridge = _probs(gemma), _probs(bridge)
-    rome_id = int(target_tokens(gemma, "Rome")[0])
-    assert int(p_bridge[0].argmax()) == rome_id  # the edit works through the bridge
+    assert bridge_edit.fingerprint != eiffel_edit.fingerprint  # fingerprints name the space
+    rel = (bridge_edit.delta() - eiffel_edit.delta()).norm() / eiffel_edit.delta().norm()
+    assert float(rel) < 1e-2
+    with eiffel_edit.applied(gemma), bridge_edit.applied(bridge):
+        p_hooked, p_bridge = ref.probabilities(gemma), ref.probabilities(bridge)
     assert torch.equal(p_hooked.argmax(-1), p_bridge.argmax(-1))
     assert float((p_hooked - p_bridge).abs().max()) < 1e-4
     assert access.parameters_checksum(bridge) == before  # reverted exactly
@@ -64,13 +83,45 @@ def test_same_rome_edit_through_both_apis(
         eiffel_edit.apply(bridge)  # an edit is refused by a model in another weight space
 
 
-def test_same_causal_trace_grid(gemma: Any, bridge: Any) -> None:
-    args = (PROMPTS[0], "The Eiffel Tower", "Paris")
-    hooked = causal_trace(gemma, *args, kinds=("mlp", "resid"), samples=3)
-    through_bridge = causal_trace(bridge, *args, kinds=("mlp", "resid"), samples=3)
-    assert through_bridge.method == "reference" and hooked.method == "batched"
-    assert abs(hooked.p_clean - through_bridge.p_clean) < 1e-4
-    assert abs(hooked.p_corrupted - through_bridge.p_corrupted) < 1e-4
-    for kind in ("mlp", "resid"):
-        diff = (hooked.scores[kind] - through_bridge.scores[kind]).abs().max()
+@needs_hooked
+def test_hooked_reference_file_is_current(
+    gemma: Any, eiffel_edit: rome_lens.RomeEdit, reference: dict[str, Any]
+) -> None:
+    """The stored HookedTransformer numbers are what this HookedTransformer computes now."""
+    assert reference["prompts"] == ref.PROMPTS and reference["layer"] == eiffel_edit.layer
+    _assert_close_to_reference(ref.probabilities(gemma), reference["unedited"], 1e-5)
+    with eiffel_edit.applied(gemma):
+        _assert_close_to_reference(ref.probabilities(gemma), reference["edited"], 1e-5)
+    result = ref.trace(gemma)
+    assert abs(result.p_clean - reference["trace"]["p_clean"]) < 1e-5
+    for kind in ref.TRACE_KINDS:
+        stored = torch.tensor(reference["trace"]["scores"][kind])
+        assert float((result.scores[kind] - stored).abs().max()) < 1e-5, kind
+
+
+def test_bridge_edit_matches_hooked_reference(
+    bridge: Any, bridge_edit: rome_lens.RomeEdit, reference: dict[str, Any]
+) -> None:
+    """Same ROME request through the bridge: same top-1 and probabilities within 1e-4."""
+    before = access.parameters_checksum(bridge)
+    _assert_close_to_reference(ref.probabilities(bridge), reference["unedited"], 1e-4)
+    assert bridge_edit.layer == reference["layer"]
+    with bridge_edit.applied(bridge):
+        probs = ref.probabilities(bridge)
+    rome_id = int(target_tokens(bridge, "Rome")[0])
+    assert int(probs[0].argmax()) == rome_id  # the edit works through the bridge
+    _assert_close_to_reference(probs, reference["edited"], 1e-4)
+    assert access.parameters_checksum(bridge) == before  # reverted exactly
+
+
+def test_bridge_causal_trace_matches_hooked_reference(
+    bridge: Any, reference: dict[str, Any]
+) -> None:
+    result = ref.trace(bridge)
+    assert result.method == "reference"  # the bridge runs the plain patching loop
+    assert abs(result.p_clean - reference["trace"]["p_clean"]) < 1e-4
+    assert abs(result.p_corrupted - reference["trace"]["p_corrupted"]) < 1e-4
+    for kind in ref.TRACE_KINDS:
+        stored = torch.tensor(reference["trace"]["scores"][kind])
+        diff = (result.scores[kind] - stored).abs().max()
         assert float(diff) < 1e-4, kind

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rome_lens.models.speed import install_fast_mlp
-from tests.tiny import tiny_model
+from tests.tiny import HAS_HOOKED, tiny_model
+
+pytestmark = pytest.mark.skipif(
+    not HAS_HOOKED, reason="TransformerLens 4.x: no HookedTransformer to speed up"
+)
 
 
 def test_fast_mlp_matches_transformerlens_forward_and_hooks() -> None:
