@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import string
 import tempfile
 from typing import Any
@@ -12,8 +11,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from rome_lens.models.loading import has_hooked_transformer
+
 # TransformerLens 4.x has no HookedTransformer: there the suite runs on the bridge only.
-HAS_HOOKED = importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
+HAS_HOOKED = has_hooked_transformer()
 CHARS = string.ascii_letters + string.digits + " .,'?!-:;{}()"
 
 
