@@ -258,10 +258,68 @@ def check_fits(model: Model, length: int, what: str = "prompt") -> None:
 
 
 def residual_before(
-    model: Model, tokens: Int[torch.Tensor, "batch pos"], layer: int
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    layer: int,
+    *,
+    prefix: FrozenPrefix | None = None,
+    attention_mask: Int[torch.Tensor, "batch all_pos"] | None = None,
 ) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Residual stream entering block ``layer`` (the blocks above are not run)."""
-    return model(tokens, stop_at_layer=layer)
+    """Residual stream entering block ``layer`` (the blocks above are not run).
+
+    Args:
+        model: the model.
+        tokens: input tokens (the continuation of ``prefix`` when one is given).
+        layer: the block whose input is returned.
+        prefix: a :class:`FrozenPrefix` the tokens continue (see :func:`run_prefix`).
+        attention_mask: mask over prefix and tokens (``None``: attend to everything).
+    """
+    kwargs: dict[str, Any] = {}
+    if prefix is not None:
+        kwargs["past_kv_cache"] = prefix.cache
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    return model(tokens, stop_at_layer=layer, **kwargs)
+
+
+class FrozenPrefix:
+    """Keys and values of a batch of prefixes, computed once and reused by later passes.
+
+    Only models with a TransformerLens key-value cache support it (see
+    :func:`supports_frozen_prefix`); the object is opaque outside this module.
+    """
+
+    def __init__(self, cache: Any, n_rows: int, width: int) -> None:
+        self.cache, self.n_rows, self.width = cache, n_rows, width
+
+    def __repr__(self) -> str:
+        return f"FrozenPrefix(rows={self.n_rows}, positions={self.width})"
+
+
+def supports_frozen_prefix(model: Model) -> bool:
+    """Whether :func:`run_prefix` works on ``model`` (HookedTransformer: yes; bridge: no)."""
+    return not is_bridge(model)
+
+
+def run_prefix(
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+) -> FrozenPrefix:
+    """Run ``tokens`` through every block once and freeze their keys and values.
+
+    Raises:
+        TypeError: the model has no TransformerLens key-value cache (a TransformerBridge).
+    """
+    if not supports_frozen_prefix(model):
+        raise TypeError("a TransformerBridge has no TransformerLens key-value cache")
+    from transformer_lens import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
+    with torch.no_grad():
+        model(tokens, past_kv_cache=cache, attention_mask=attention_mask, return_type=None)
+    cache.freeze()
+    return FrozenPrefix(cache, int(tokens.shape[0]), int(tokens.shape[1]))
 
 
 class _StopForward(Exception):
@@ -359,16 +417,35 @@ def run_with_states(
 
 
 def run_blocks_from(
-    model: Model, resid: Float[torch.Tensor, "batch pos d_model"], layer: int
+    model: Model,
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    layer: int,
+    *,
+    prefix: FrozenPrefix | None = None,
+    attention_mask: Int[torch.Tensor, "batch all_pos"] | None = None,
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """Run blocks ``layer..n_layers-1`` on a residual; returns the last block's output.
+
+    Args:
+        model: the model.
+        resid: the residual entering block ``layer``.
+        layer: first block run.
+        prefix: a :class:`FrozenPrefix` the positions of ``resid`` continue.
+        attention_mask: mask over prefix and ``resid`` positions (with ``prefix``).
 
     A TransformerBridge on TransformerLens 3.9 cannot start at a layer; there the forward runs
     from placeholder tokens and ``blocks.{layer}.hook_resid_pre`` is replaced by ``resid``
     (same result, the blocks below ``layer`` run for nothing).
     """
     if not is_bridge(model):
-        return model(resid, start_at_layer=layer, stop_at_layer=n_layers(model))
+        kwargs: dict[str, Any] = {}
+        if prefix is not None:
+            kwargs["past_kv_cache"] = prefix.cache
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return model(resid, start_at_layer=layer, stop_at_layer=n_layers(model), **kwargs)
+    if prefix is not None:
+        raise TypeError("a TransformerBridge has no TransformerLens key-value cache")
     placeholder = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
 
     def replace(act: torch.Tensor, hook: object = None) -> torch.Tensor:
