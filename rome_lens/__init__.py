@@ -1,15 +1,25 @@
-"""rome_lens: locate, edit (ROME) and audit factual knowledge in TransformerLens models.
+"""rome_lens: locate, edit and audit factual knowledge in TransformerLens models.
 
 Example:
     >>> import rome_lens
     >>> model = rome_lens.load_model()                       # embedded gemma-3-270m, offline
     >>> req = rome_lens.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
-    >>> edit = rome_lens.compute_rome(model, req)             # model unchanged
+    >>> edit = rome_lens.compute_edit(model, req)             # ROME; model unchanged
     >>> with edit.applied(model):
     ...     print(rome_lens.top_tokens(model, req.text))
 """
 
 from rome_lens.audit import ProbeReport, TunedLens, VerdictRule, probe_edit, tuned_lens
+from rome_lens.edits import (
+    DenseSite,
+    Edit,
+    LowRankSite,
+    applied_edits,
+    base_fingerprint,
+    base_weights,
+    load_edit,
+    revert_all,
+)
 from rome_lens.errors import (
     CorruptEditFileError,
     EditStateError,
@@ -21,26 +31,24 @@ from rome_lens.errors import (
     RomeLensError,
     SubjectNotFoundError,
 )
+from rome_lens.methods import available_methods, compute_edit, register_method
 from rome_lens.models import DEFAULT_MODEL, load_model
 from rome_lens.predict import top_tokens
 from rome_lens.requests import EditRequest, subject_token_span
-from rome_lens.rome import (
-    RomeEdit,
-    RomeHyperParams,
-    applied_edits,
-    compute_rome,
-    default_hparams,
-    load_edit,
-    revert_all,
-    second_moment,
-)
+from rome_lens.rome import RomeHyperParams, compute_rome, default_hparams
+from rome_lens.statistics import second_moment
 from rome_lens.tracing import activation_patch, causal_trace, trace_dataset
+
+#: The first release's name of the edit value; every method now returns :class:`Edit`.
+RomeEdit = Edit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
     "CorruptEditFileError",
+    "DenseSite",
+    "Edit",
     "EditRequest",
     "EditStateError",
     "ProbeReport",
@@ -48,6 +56,7 @@ __all__ = [
     "VerdictRule",
     "FingerprintMismatchError",
     "InvalidRequestError",
+    "LowRankSite",
     "LayerOutOfRangeError",
     "NonFiniteError",
     "PromptTooLongError",
@@ -57,12 +66,17 @@ __all__ = [
     "SubjectNotFoundError",
     "activation_patch",
     "applied_edits",
+    "available_methods",
+    "base_fingerprint",
+    "base_weights",
     "causal_trace",
+    "compute_edit",
     "compute_rome",
     "default_hparams",
     "load_edit",
     "load_model",
     "probe_edit",
+    "register_method",
     "revert_all",
     "second_moment",
     "subject_token_span",

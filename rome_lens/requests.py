@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,6 +101,38 @@ class EditRequest:
             target_new=data["target_new"],
             target_true=data.get("target_true"),
         )
+
+
+def check_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
+    """One request or a list of them, validated as a batch.
+
+    Returns:
+        The requests as a list.
+
+    Raises:
+        InvalidRequestError: an empty batch, an item that is not an :class:`EditRequest`, the
+            same request twice, or two requests that ask the same prompt and subject for
+            different new objects (a conflict no edit can satisfy).
+    """
+    items = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not items:
+        raise InvalidRequestError("no requests given")
+    seen: dict[tuple[str, str], EditRequest] = {}
+    for i, request in enumerate(items):
+        if not isinstance(request, EditRequest):
+            raise InvalidRequestError(
+                f"request {i} must be an EditRequest, got {type(request).__name__}"
+            )
+        key = (request.template, request.subject)
+        if key in seen:
+            other = seen[key]
+            what = "is given twice" if other == request else (
+                f"asks for both {other.target_new!r} and {request.target_new!r}")
+            raise InvalidRequestError(
+                f"conflicting requests: {request.text!r} (subject {request.subject!r}) {what}"
+            )
+        seen[key] = request
+    return items
 
 
 def target_text(target: str) -> str:

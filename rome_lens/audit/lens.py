@@ -18,7 +18,7 @@ Training (:func:`train_tuned_lens`) has two stages, both seeded:
    whole vocabulary and the KL is exact.
 
 The training text is the model-sampled statistics corpus of ROME (cached), or any corpus
-:func:`~rome_lens.rome.statistics.corpus_tokens` accepts. Position 0 (BOS, whose residual norm
+:func:`~rome_lens.statistics.corpus_tokens` accepts. Position 0 (BOS, whose residual norm
 is an outlier in many models) is left out. Trained lenses are cached per model fingerprint and
 training settings; ``rome-lens tuned-lens`` trains one from the command line.
 
@@ -43,10 +43,9 @@ from tqdm.auto import tqdm
 
 from rome_lens._cache import atomic_path, cache_dir
 from rome_lens._typing import Model
-from rome_lens.corpus_types import Corpus
 from rome_lens.errors import CorruptEditFileError, FingerprintMismatchError, LayerOutOfRangeError
 from rome_lens.models import access
-from rome_lens.rome.hparams import default_hparams
+from rome_lens.statistics import Corpus, StatisticsConfig, corpus_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -206,17 +205,15 @@ def train_tuned_lens(
     Args:
         model: the model (not modified).
         corpus: ``None`` (model samples, cached) or texts/files (see
-            :func:`~rome_lens.rome.statistics.corpus_tokens`).
+            :func:`~rome_lens.statistics.corpus_tokens`).
         config: training settings.
         progress: show a progress bar.
 
     Returns:
         A :class:`TunedLens` whose last layer is the identity.
     """
-    from rome_lens.rome.statistics import corpus_tokens
-
     config = config or TunedLensConfig()
-    tokens, corpus_id = corpus_tokens(model, corpus, default_hparams(model))
+    tokens, corpus_id = corpus_tokens(model, corpus, StatisticsConfig())
     tokens = tokens[: config.sequences]
     states, final = _training_states(model, tokens)
     n_layers, n, d = states.shape

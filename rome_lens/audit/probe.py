@@ -51,10 +51,12 @@ from jaxtyping import Float
 
 from rome_lens._typing import Model
 from rome_lens.audit.lens import TunedLens, tuned_lens
+from rome_lens.edits import Edit
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
-from rome_lens.rome.compute import default_entropy_layers
+from rome_lens.rome import default_entropy_layers, default_hparams
+from rome_lens.statistics import context_templates
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +67,16 @@ POSITIONS = ("last_subject", "last")
 class EditLike(Protocol):
     """Anything :func:`probe_edit` can audit: a layer, a request, and ``applied(model)``.
 
-    :class:`~rome_lens.rome.edit.RomeEdit` is one; a custom weight or hook edit can be another.
+    :class:`~rome_lens.edits.Edit` is one; a custom weight or hook edit can be another.
     """
 
-    layer: int
-    request: EditRequest
+    @property
+    def layer(self) -> int:  # noqa: D102
+        ...
+
+    @property
+    def request(self) -> EditRequest:  # noqa: D102
+        ...
 
     def applied(self, model: Model) -> Any:
         """Context manager that applies the edit and undoes it on exit."""
@@ -173,9 +180,7 @@ class ProbeReport:
 @contextmanager
 def _state(model: Model, edits: Sequence[EditLike], post: bool) -> Iterator[None]:
     """Model with the edits applied (``post``) or removed, restored to its state on exit."""
-    from rome_lens.rome.edit import RomeEdit
-
-    already = [e for e in edits if isinstance(e, RomeEdit) and e.is_applied(model)]
+    already = [e for e in edits if isinstance(e, Edit) and e.is_applied(model)]
     with ExitStack() as stack:
         if post:
             for e in edits:
@@ -365,7 +370,7 @@ def probe_edit(
     Args:
         model: the model; its edit state is the same on return as on entry.
         edit: one edit or several (stacked); edits not applied are applied for the post run,
-            applied :class:`~rome_lens.rome.edit.RomeEdit` s are reverted for the pre run.
+            applied :class:`~rome_lens.edits.Edit` s are reverted for the pre run.
         request: the fact probed (default: the first edit's request; needs ``target_true``).
         paraphrases: extra prompts containing the subject (e.g. CounterFact's).
         n_contexts: context-prefixed variants of the edit prompt (model-written prefixes,
@@ -403,8 +408,6 @@ def probe_edit(
         >>> first.verdict, second.verdict
         ('INSERTION', 'PARTIAL')
     """
-    from rome_lens.rome.contexts import context_templates
-    from rome_lens.rome.hparams import default_hparams
     from rome_lens.tracing.causal import _subject_noise_hook, embedding_std
 
     edits: list[EditLike] = (

@@ -1,19 +1,30 @@
-"""ROME: rank-one model editing of an MLP output weight."""
+"""ROME: rank-one model editing of an MLP output weight.
 
-from rome_lens.rome.compute import compute_rome, rank_one_factors
-from rome_lens.rome.edit import RomeEdit, applied_edits, base_fingerprint, load_edit, revert_all
+Parts that other methods reuse: :mod:`~rome_lens.rome.prompts` (value and KL prompts, batched
+over requests), :mod:`~rome_lens.rome.keys` (k*), :mod:`~rome_lens.rome.values` (v* and its
+objectives), :mod:`~rome_lens.rome.forwards` (how the value loop runs the model) and
+:mod:`~rome_lens.rome.update` (the closed-form rank-one solve).
+"""
+
+from rome_lens.rome.compute import compute_rome, compute_rome_edit
+from rome_lens.rome.forwards import ValueLoop
 from rome_lens.rome.hparams import RomeHyperParams, default_hparams
-from rome_lens.rome.statistics import second_moment
+from rome_lens.rome.keys import subject_keys
+from rome_lens.rome.prompts import ValueBatch, value_batch
+from rome_lens.rome.update import rank_one_factors
+from rome_lens.rome.values import Objective, default_entropy_layers, optimise_values
 
 __all__ = [
-    "RomeEdit",
+    "Objective",
     "RomeHyperParams",
-    "applied_edits",
-    "base_fingerprint",
+    "ValueBatch",
+    "ValueLoop",
     "compute_rome",
+    "compute_rome_edit",
+    "default_entropy_layers",
     "default_hparams",
-    "load_edit",
+    "optimise_values",
     "rank_one_factors",
-    "revert_all",
-    "second_moment",
+    "subject_keys",
+    "value_batch",
 ]

@@ -53,7 +53,7 @@ def test_score_record_with_generation(model) -> None:
     assert summary["GE"] == pytest.approx(100 * scores.fluency)
 
 
-def test_ft_l_respects_the_norm_bound_and_raises_the_target(model) -> None:
+def test_ft_l_respects_the_norm_bound_and_raises_the_target(model, tmp_path) -> None:
     request = EditRequest("{} lives in", "Alice Smith", "Paris", "Rome")
     before = access.parameters_checksum(model)
     lp_before = target_logprob(model, request.text, "Paris")
@@ -72,8 +72,10 @@ def test_ft_l_respects_the_norm_bound_and_raises_the_target(model) -> None:
     assert lp_after > lp_before
     assert edit.info["losses"][-1] < edit.info["losses"][0]
     assert access.parameters_checksum(model) == before  # reverted exactly
-    with pytest.raises(NotImplementedError):
-        edit.save("x.safetensors")
+    # dense edits save and load like every edit (the first release could not save them)
+    loaded = rome_lens.load_edit(edit.save(tmp_path / "ftl"), model=model)
+    assert loaded.id == edit.id and loaded.method == "ft-l"
+    assert torch.equal(loaded.delta(), delta)
 
 
 def test_ft_l_stacks_with_rome_and_reverts_exactly(model, hparams) -> None:

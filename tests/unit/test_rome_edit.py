@@ -6,8 +6,8 @@ from _support import cached_edit, key_stats, model_kind, one_thread, tiny_model
 
 import rome_lens
 from rome_lens import EditRequest, EditStateError, FingerprintMismatchError
+from rome_lens.edits import base_fingerprint
 from rome_lens.models import access
-from rome_lens.rome import base_fingerprint
 
 checksum = access.parameters_checksum
 

@@ -20,7 +20,7 @@ from rome_lens import (
 from rome_lens.models import access
 
 REQUEST = EditRequest("{} lives in", "Alice Smith", "Paris", "Rome")
-TENSORS = ("left", "right", "k_star", "v_star")
+TENSORS = ("left", "right", "k_star", "v_star")  # attributes of a single rank-one edit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,9 +90,9 @@ def test_loaded_edit_applies_like_the_original(model, edit, saved: Path) -> None
 
 def test_flipped_tensor_byte_rewritten_with_metadata(saved: Path, tmp_path: Path) -> None:
     tensors, meta = _read(saved)
-    raw = tensors["right"].clone().view(torch.int32)
-    raw[0] ^= 1  # flip the lowest mantissa bit of one value
-    tensors["right"] = raw.view(torch.float32)
+    raw = tensors["site0.right"].clone().view(torch.int32)
+    raw[0, 0] ^= 1  # flip the lowest mantissa bit of one value
+    tensors["site0.right"] = raw.view(torch.float32)
     bad = tmp_path / "flipped.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(CorruptEditFileError, match="checksum"):
@@ -116,10 +116,10 @@ def test_flipped_raw_byte_in_data_section(saved: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        lambda m: m.update(layer=0),
-        lambda m: m["request"].update(target_new="London"),
+        lambda m: m["sites"][0].update(layer=0),
+        lambda m: m["requests"][0].update(target_new="London"),
         lambda m: m["hparams"].update(v_lr=0.1),
-        lambda m: m.update(fingerprint="0" * 24),
+        lambda m: m.update(base_fingerprint="0" * 24),
     ],
     ids=["layer", "target", "hparams", "fingerprint"],
 )
@@ -150,7 +150,7 @@ def test_missing_checksum_or_format_refused(saved: Path, tmp_path: Path) -> None
         load_edit(tmp_path / "b.safetensors")
 
     # a safetensors file without one of the edit's tensors
-    del tensors["k_star"]
+    del tensors["extra.k_star"]
     save_file(tensors, str(tmp_path / "c.safetensors"), metadata=header)
     with pytest.raises(CorruptEditFileError):
         load_edit(tmp_path / "c.safetensors")

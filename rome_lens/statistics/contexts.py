@@ -3,24 +3,47 @@
 ROME averages the subject's key over the prompt preceded by short texts the model itself writes
 (reference: 10 of 5 tokens and 10 of 10 tokens, top-5 sampling from BOS), so that the edit fires
 for the subject in any context, not just at the start of a sentence. The prefixes are seeded and
-cached on disk per model fingerprint, so every edit of a model uses the same ones.
+cached on disk per BASE-model fingerprint and always written by the unedited weights (via the edit
+registry), so every edit of a model uses the same ones, whatever edits are applied.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Protocol
 
 from rome_lens._cache import cache_dir, write_json
 from rome_lens._typing import Model
-from rome_lens.models import access
-from rome_lens.rome.hparams import RomeHyperParams
+from rome_lens.edits import base_fingerprint, base_weights
 from rome_lens.sampling import sample_tokens
 
 logger = logging.getLogger(__name__)
 
 
-def context_templates(model: Model, hparams: RomeHyperParams) -> list[str]:
+class ContextSpec(Protocol):
+    """Numbers, lengths, top-k and seed of the context prefixes (ROME's hyperparameters)."""
+
+    @property
+    def n_contexts_short(self) -> int: ...  # noqa: D102
+
+    @property
+    def context_len_short(self) -> int: ...  # noqa: D102
+
+    @property
+    def n_contexts_long(self) -> int: ...  # noqa: D102
+
+    @property
+    def context_len_long(self) -> int: ...  # noqa: D102
+
+    @property
+    def context_top_k(self) -> int: ...  # noqa: D102
+
+    @property
+    def seed(self) -> int: ...  # noqa: D102
+
+
+def context_templates(model: Model, hparams: ContextSpec) -> list[str]:
     """``["{}", "<ctx 1>. {}", ...]``: the bare prompt slot and the context-prefixed ones.
 
     Args:
@@ -35,9 +58,17 @@ def context_templates(model: Model, hparams: RomeHyperParams) -> list[str]:
         f"{hparams.n_contexts_long}x{hparams.context_len_long}-k{hparams.context_top_k}"
         f"-s{hparams.seed}"
     )
-    path = cache_dir("contexts") / f"{access.weights_fingerprint(model)}-{spec}.json"
+    path = cache_dir("contexts") / f"{base_fingerprint(model)}-{spec}.json"
     if path.exists():
         return list(json.loads(path.read_text()))
+    with base_weights(model):
+        templates = _sample_templates(model, hparams)
+    write_json(path, templates)
+    logger.info("cached %d context templates at %s", len(templates), path)
+    return templates
+
+
+def _sample_templates(model: Model, hparams: ContextSpec) -> list[str]:
     assert model.tokenizer is not None
     templates = ["{}"]
     for i, (n, length) in enumerate(
@@ -55,6 +86,4 @@ def context_templates(model: Model, hparams: RomeHyperParams) -> list[str]:
             text = str(model.tokenizer.decode(row, skip_special_tokens=True))
             text = text.replace("{", " ").replace("}", " ")
             templates.append(f"{text}. {{}}")
-    write_json(path, templates)
-    logger.info("cached %d context templates at %s", len(templates), path)
     return templates

@@ -1,0 +1,133 @@
+"""One editor interface: :func:`compute_edit` dispatches to a registry of editing methods.
+
+Every method is a function ``fn(model, requests, **options) -> Edit`` that never modifies the
+model. Built in: ``"rome"`` (:func:`rome_lens.rome.compute_rome_edit`) and ``"ft-l"``
+(:func:`rome_lens.methods.ft_l.compute_ft_l`). A new method is one module with such a function
+and one :func:`register_method` call (or one line in ``_BUILTIN``).
+
+Example:
+    >>> edit = compute_edit(model, EditRequest("{} plays", "LeBron James", "soccer"))
+    >>> edit = compute_edit(model, [req1, req2], method="ft-l", layer=2)
+    >>> available_methods()
+    ['ft-l', 'rome']
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rome_lens._typing import Model
+from rome_lens.edits import Edit
+from rome_lens.errors import InvalidRequestError
+from rome_lens.methods.ft_l import FTLHyperParams, compute_ft_l
+from rome_lens.requests import EditRequest, check_requests
+from rome_lens.rome import compute_rome_edit
+
+logger = logging.getLogger(__name__)
+
+EditFunction = Callable[..., Edit]
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """A registered editing method.
+
+    Attributes:
+        name: the ``method=`` name.
+        compute: ``fn(model, requests: list[EditRequest], **options) -> Edit``.
+        description: one line for listings.
+    """
+
+    name: str
+    compute: EditFunction
+    description: str = ""
+
+
+_METHODS: dict[str, EditMethod] = {}
+
+
+def register_method(
+    name: str, compute: EditFunction, description: str = "", *, replace: bool = False
+) -> EditMethod:
+    """Register an editing method under ``name`` (``replace=True`` to override one).
+
+    Raises:
+        InvalidRequestError: the name is taken and ``replace`` is false.
+    """
+    if name in _METHODS and not replace:
+        raise InvalidRequestError(f"an editing method named {name!r} is already registered")
+    method = EditMethod(name, compute, description)
+    _METHODS[name] = method
+    return method
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> EditMethod:
+    """The registered method ``name``.
+
+    Raises:
+        InvalidRequestError: no such method (the message lists the registered ones).
+    """
+    if name not in _METHODS:
+        raise InvalidRequestError(
+            f"unknown editing method {name!r}; registered: {', '.join(available_methods())}"
+        )
+    return _METHODS[name]
+
+
+def compute_edit(
+    model: Model,
+    requests: EditRequest | Sequence[EditRequest],
+    method: str = "rome",
+    **options: Any,
+) -> Edit:
+    """Compute an edit of ``requests`` with ``method``; the model is not modified.
+
+    Args:
+        model: the model. Edits already applied to it are the earlier part of a sequence: the
+            new edit is computed on the edited model and records them as ``parents``.
+        requests: one :class:`~rome_lens.requests.EditRequest` or a list.
+        method: a registered method name (:func:`available_methods`).
+        **options: the method's options (ROME: ``layer``, ``hparams``, ``stats``, ``corpus``,
+            ``loop``, ``objective``, ``entropy_layers``; FT-L: ``layer``, ``hparams``).
+
+    Returns:
+        An :class:`~rome_lens.edits.Edit`.
+
+    Raises:
+        InvalidRequestError: unknown method, no requests, conflicting requests, or an option
+            the method does not take.
+    """
+    spec = get_method(method)
+    batch = check_requests(requests)
+    try:
+        return spec.compute(model, batch, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise InvalidRequestError(f"method {method!r}: {exc}") from exc
+        raise
+
+
+_BUILTIN: tuple[tuple[str, EditFunction, str], ...] = (
+    ("rome", compute_rome_edit, "ROME: one rank-one update per request (Meng et al. 2022)"),
+    ("ft-l", compute_ft_l, "FT-L: L-infinity-bounded fine-tuning of one MLP output weight"),
+)
+for _name, _fn, _description in _BUILTIN:
+    register_method(_name, _fn, _description)
+
+__all__ = [
+    "EditMethod",
+    "FTLHyperParams",
+    "available_methods",
+    "compute_edit",
+    "compute_ft_l",
+    "get_method",
+    "register_method",
+]
