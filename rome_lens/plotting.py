@@ -1,11 +1,44 @@
-"""Plots (matplotlib, imported lazily so the core never needs a display)."""
+"""Plots (matplotlib, imported lazily so the core never needs a display).
+
+This module imports nothing from the rest of rome_lens: a plot takes any value with the
+attributes it draws (see :class:`TraceGrids`, :class:`ClassEffects`), so result values can
+import their plots without an import cycle.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from rome_lens.tracing.causal import CausalTraceResult
+    import torch
+
+
+class TraceGrids(Protocol):
+    """What :func:`trace_heatmaps` draws (e.g. a ``CausalTraceResult``)."""
+
+    prompt: str
+    answer: str
+    tokens: list[str]
+    subject_span: tuple[int, int]
+    p_clean: float
+    p_corrupted: float
+    scores: dict[str, torch.Tensor]
+    window: int
+
+
+class ClassEffects(Protocol):
+    """What :func:`summary_heatmaps` draws (e.g. a ``TraceSummary``)."""
+
+    n_facts: int
+    p_clean: float
+    p_corrupted: float
+    effects: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def total_effect(self) -> float:
+        """Average ``p_clean - p_corrupted``."""
+        ...
 
 _TITLES = {
     "resid": "single restored layer (residual)",
@@ -16,7 +49,7 @@ _CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 
 
 def trace_heatmaps(
-    trace: CausalTraceResult, path: str | None = None, title: str | None = None
+    trace: TraceGrids, path: str | None = None, title: str | None = None
 ) -> Any:
     """The ROME paper's causal-trace heatmaps: p(answer) after restoring each state."""
     import matplotlib
@@ -51,20 +84,27 @@ def trace_heatmaps(
     )
 
 
-def summary_heatmaps(summary: Any, path: str | None = None) -> Any:
-    """Average indirect effect by token class (rows) and layer (columns), one panel per kind."""
+def summary_heatmaps(
+    summary: ClassEffects, path: str | None = None, row_order: Sequence[str] | None = None
+) -> Any:
+    """Average indirect effect by token class (rows) and layer (columns), one panel per kind.
+
+    Args:
+        summary: the effects to draw.
+        path: where to save the figure (optional).
+        row_order: order of the token classes (default: as stored); classes not in it are left
+            out.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from rome_lens.tracing.dataset import TOKEN_CLASSES
-
     kinds = list(summary.effects)
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
-        classes = [c for c in TOKEN_CLASSES if c in summary.effects[kind]]
+        classes = _ordered(summary.effects[kind], row_order)
         grid = np.stack([summary.effects[kind][c].numpy() for c in classes])
         im = ax.pcolormesh(grid, cmap=_CMAPS.get(kind, "viridis"))
         ax.invert_yaxis()
@@ -79,6 +119,11 @@ def summary_heatmaps(summary: Any, path: str | None = None) -> Any:
         f"corrupted {summary.p_corrupted:.3f}, total effect {summary.total_effect:.3f}",
         path,
     )
+
+
+def _ordered(rows: Mapping[str, Any], order: Sequence[str] | None) -> list[str]:
+    """The keys of ``rows`` in ``order`` (default: as stored)."""
+    return list(rows) if order is None else [key for key in order if key in rows]
 
 
 def _finish(fig: Any, title: str, path: str | None) -> Any:

@@ -1,9 +1,11 @@
-"""The model-access layer: the only module that knows which model class it holds.
+"""The model-access layer: the one door through which rome_lens reaches into a model.
 
 Every feature of rome_lens (ROME and its statistics, tracing, patching, probes, evaluation)
 reaches into a model through these functions: hook names, the MLP output weight of a block, the
 raw MLP output (before any post-MLP norm), running a slice of the blocks, and decoding a residual
-through the final norm and unembedding. Two model APIs are supported:
+through the final norm and unembedding. Two model APIs are supported, each by an adapter in
+:mod:`rome_lens.models.adapters` (this module validates arguments and delegates to the
+adapter; it never tests the model class itself):
 
 * TransformerLens 3.9's ``HookedTransformer``: ``blocks[l].mlp.W_out`` is the parameter,
   laid out ``[d_mlp, d_model]``.
@@ -24,37 +26,85 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import nn
 
 from rome_lens._typing import Model
-from rome_lens.errors import LayerOutOfRangeError, PromptTooLongError
+from rome_lens.errors import PromptTooLongError
+from rome_lens.models.adapters import FrozenPrefix, KeyValueRecord, adapter_for
+from rome_lens.models.layout import (
+    EMBED_HOOK,
+    attn_out_hook_name,
+    check_layer,
+    is_mlp_out_weight_name,
+    key_hook_name,
+    layer_of_weight_name,
+    mlp_out_hook_name,
+    mlp_out_weight_name,
+    n_layers,
+    resid_post_hook_name,
+    resid_pre_hook_name,
+)
+
+__all__ = [
+    "EMBED_HOOK",
+    "FrozenPrefix",
+    "IncrementalDecoder",
+    "KeyValueRecord",
+    "api_name",
+    "attn_out_hook_name",
+    "check_fits",
+    "check_layer",
+    "decode_residual",
+    "embedding_matrix",
+    "final_residual",
+    "frozen_prefix_from",
+    "is_bridge",
+    "key_hook_name",
+    "layer_of_weight_name",
+    "mlp_out_bias",
+    "mlp_out_hook_name",
+    "mlp_out_parameter",
+    "mlp_out_weight",
+    "mlp_out_weight_name",
+    "mlp_value",
+    "model_label",
+    "n_layers",
+    "parameters_checksum",
+    "raw_mlp_output_hook",
+    "read_mlp_out",
+    "resid_post_hook_name",
+    "resid_pre_hook_name",
+    "residual_before",
+    "run_blocks_from",
+    "run_prefix",
+    "run_with_keys_values",
+    "run_with_states",
+    "supports_frozen_prefix",
+    "to_tokens",
+    "weight_space",
+    "weights_fingerprint",
+    "write_mlp_out",
+]
 
 # Largest number of elements hashed from one tensor by the fingerprint; bigger tensors are
 # sampled with a fixed stride (the embedding of a 262k vocabulary would otherwise dominate).
 _FINGERPRINT_MAX_ELEMENTS = 1 << 20
-_WEIGHT_NAME = re.compile(r"blocks\.(\d+)\.mlp\.W_out")
 
 
 def is_bridge(model: object) -> bool:
     """Whether ``model`` is a TransformerLens ``TransformerBridge`` (else a HookedTransformer)."""
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:  # pragma: no cover - every supported TransformerLens has the bridge
-        return False
-    return isinstance(model, TransformerBridge)
+    return adapter_for(model).name == "bridge"
 
 
 def api_name(model: Model) -> str:
     """``"bridge"`` for a TransformerBridge, ``"hooked"`` for a HookedTransformer."""
-    return "bridge" if is_bridge(model) else "hooked"
+    return adapter_for(model).name
 
 
 def weight_space(model: Model) -> str:
@@ -65,74 +115,16 @@ def weight_space(model: Model) -> str:
     ``enable_compatibility_mode()`` (folded norms, centred unembedding). The fingerprint
     (:func:`weights_fingerprint`) tells two weight sets apart; this names the kind.
     """
-    if not is_bridge(model):
-        return "hooked"
-    return "bridge-compat" if getattr(model, "compatibility_mode", False) else "bridge-raw"
-
-
-def n_layers(model: Model) -> int:
-    """Number of transformer blocks."""
-    return int(model.cfg.n_layers)
-
-
-def check_layer(model: Model, layer: int) -> int:
-    """Validate a layer index (negative indices count from the end).
-
-    Raises:
-        LayerOutOfRangeError: if ``layer`` is not in ``[-n_layers, n_layers)``.
-    """
-    n = n_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
-        raise LayerOutOfRangeError(f"layer must be an int, got {type(layer).__name__}")
-    if not -n <= int(layer) < n:
-        raise LayerOutOfRangeError(
-            f"layer {layer} is out of range for a model with {n} layers (expected 0..{n - 1})"
-        )
-    return int(layer) % n
-
-
-def key_hook_name(layer: int) -> str:
-    """Hook whose activation is the MLP key (the input of the output projection)."""
-    return f"blocks.{layer}.mlp.hook_post"
-
-
-def resid_pre_hook_name(layer: int) -> str:
-    """Hook of the residual stream entering block ``layer``."""
-    return f"blocks.{layer}.hook_resid_pre"
-
-
-def resid_post_hook_name(layer: int) -> str:
-    """Hook of the residual stream leaving block ``layer`` (the paper's hidden state h_l)."""
-    return f"blocks.{layer}.hook_resid_post"
-
-
-def mlp_out_hook_name(layer: int) -> str:
-    """Hook of what block ``layer``'s MLP adds to the residual stream (after any post-norm)."""
-    return f"blocks.{layer}.hook_mlp_out"
-
-
-def attn_out_hook_name(layer: int) -> str:
-    """Hook of what block ``layer``'s attention adds to the residual stream."""
-    return f"blocks.{layer}.hook_attn_out"
-
-
-EMBED_HOOK = "hook_embed"
+    return adapter_for(model).weight_space(model)
 
 
 def embedding_matrix(model: Model) -> Float[torch.Tensor, "d_vocab d_model"]:
     """Token embedding matrix whose rows are what ``hook_embed`` emits.
 
     On a bridge around Gemma, ``hook_embed`` fires after the ``sqrt(d_model)`` scaling that
-    Model folds into ``W_E``; the scale is applied here so both APIs agree.
+    HookedTransformer folds into ``W_E``; the scale is applied here so both APIs agree.
     """
-    if not is_bridge(model):
-        return model.W_E
-    weight = model.W_E
-    embed = getattr(model.embed, "original_component", None)
-    scale = getattr(embed, "embed_scale", None)
-    if scale is None:
-        return weight
-    return weight * torch.as_tensor(scale).to(weight.device, weight.dtype)
+    return adapter_for(model).embedding_matrix(model)
 
 
 def mlp_out_parameter(model: Model, layer: int) -> tuple[str, nn.Parameter, bool]:
@@ -142,26 +134,13 @@ def mlp_out_parameter(model: Model, layer: int) -> tuple[str, nn.Parameter, bool
         ``(state-dict name, parameter, transposed)``; ``transposed`` is true when the
         parameter is laid out ``[d_model, d_mlp]`` (a bridge's ``nn.Linear``).
     """
-    layer = check_layer(model, layer)
-    if is_bridge(model):
-        bridge: Any = model
-        weight = bridge.blocks[layer].mlp.out.original_component.weight
-        d_mlp = int(bridge.cfg.d_mlp)
-        transposed = weight.ndim == 2 and weight.shape[1] == d_mlp
-        if not transposed and not (weight.ndim == 2 and weight.shape[0] == d_mlp):
-            raise TypeError(f"blocks.{layer}.mlp.out.weight has shape {tuple(weight.shape)}")
-        names = {id(p): n for n, p in model.named_parameters()}
-        return names[id(weight)], weight, bool(transposed)
-    weight = model.blocks[layer].mlp.W_out
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 2:
-        raise TypeError(f"blocks.{layer}.mlp.W_out is not a 2-D parameter: {type(weight)}")
-    return f"blocks.{layer}.mlp.W_out", weight, False
+    return adapter_for(model).mlp_out_parameter(model, check_layer(model, layer))
 
 
 def mlp_out_weight(model: Model, layer: int) -> torch.Tensor:
     """The MLP output projection of block ``layer``, laid out ``[d_mlp, d_model]``.
 
-    On a Model this is the parameter itself; on a bridge a transposed view of it.
+    On a HookedTransformer this is the parameter itself; on a bridge a transposed view of it.
     Change weights only through :func:`write_mlp_out`.
     """
     _, weight, transposed = mlp_out_parameter(model, layer)
@@ -180,33 +159,9 @@ def write_mlp_out(model: Model, layer: int, value: Float[torch.Tensor, "d_mlp d_
         weight.copy_(value.T if transposed else value)
 
 
-def mlp_out_weight_name(layer: int) -> str:
-    """API-independent name of block ``layer``'s MLP output weight (``blocks.L.mlp.W_out``).
-
-    It is the HookedTransformer state-dict name; on a bridge it names the same logical weight
-    (see :func:`mlp_out_parameter` for the stored parameter).
-    """
-    return f"blocks.{layer}.mlp.W_out"
-
-
-def layer_of_weight_name(name: str) -> int:
-    """Inverse of :func:`mlp_out_weight_name`."""
-    match = _WEIGHT_NAME.fullmatch(name)
-    if match is None:
-        raise ValueError(f"not an MLP output weight name: {name!r}")
-    return int(match.group(1))
-
-
 def mlp_out_bias(model: Model, layer: int) -> torch.Tensor | None:
     """Bias of the MLP output projection (``None`` when the model has none)."""
-    if is_bridge(model):
-        bridge: Any = model
-        bias = getattr(
-            bridge.blocks[check_layer(model, layer)].mlp.out.original_component, "bias", None
-        )
-        return bias if isinstance(bias, torch.Tensor) else None
-    bias = getattr(model.blocks[check_layer(model, layer)].mlp, "b_out", None)
-    return bias if isinstance(bias, torch.Tensor) else None
+    return adapter_for(model).mlp_out_bias(model, check_layer(model, layer))
 
 
 def mlp_value(
@@ -273,32 +228,20 @@ def residual_before(
         layer: the block whose input is returned.
         prefix: a :class:`FrozenPrefix` the tokens continue (see :func:`run_prefix`).
         attention_mask: mask over prefix and tokens (``None``: attend to everything).
+
+    Raises:
+        TypeError: a ``prefix`` on a model without frozen prefixes (a TransformerBridge).
     """
-    kwargs: dict[str, Any] = {}
-    if prefix is not None:
-        kwargs["past_kv_cache"] = prefix.cache
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    return model(tokens, stop_at_layer=layer, **kwargs)
-
-
-class FrozenPrefix:
-    """Keys and values of a batch of prefixes, computed once and reused by later passes.
-
-    Only models with a TransformerLens key-value cache support it (see
-    :func:`supports_frozen_prefix`); the object is opaque outside this module.
-    """
-
-    def __init__(self, cache: Any, n_rows: int, width: int) -> None:
-        self.cache, self.n_rows, self.width = cache, n_rows, width
-
-    def __repr__(self) -> str:
-        return f"FrozenPrefix(rows={self.n_rows}, positions={self.width})"
+    return adapter_for(model).residual_before(model, tokens, layer, prefix, attention_mask)
 
 
 def supports_frozen_prefix(model: Model) -> bool:
-    """Whether :func:`run_prefix` works on ``model`` (HookedTransformer: yes; bridge: no)."""
-    return not is_bridge(model)
+    """Whether ``model`` can freeze prefixes (HookedTransformer: yes; bridge: no).
+
+    :func:`run_prefix`, :func:`run_with_keys_values`, :func:`frozen_prefix_from` and the
+    ``prefix`` arguments work only where this is true.
+    """
+    return adapter_for(model).supports_frozen_prefix
 
 
 def run_prefix(
@@ -311,51 +254,51 @@ def run_prefix(
     Raises:
         TypeError: the model has no TransformerLens key-value cache (a TransformerBridge).
     """
-    if not supports_frozen_prefix(model):
-        raise TypeError("a TransformerBridge has no TransformerLens key-value cache")
-    from transformer_lens import TransformerLensKeyValueCache
-
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
-    with torch.no_grad():
-        model(tokens, past_kv_cache=cache, attention_mask=attention_mask, return_type=None)
-    cache.freeze()
-    return FrozenPrefix(cache, int(tokens.shape[0]), int(tokens.shape[1]))
+    return adapter_for(model).run_prefix(model, tokens, attention_mask)
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a bridge forward pass once the wanted state is captured."""
-
-
-def _bridge_final_hook_name(model: Model) -> str:
-    """Hook whose input is the last block's output (before the final norm) on a bridge."""
-    return "ln_final.hook_in"
-
-
-def _bridge_forward_to_final(
+def run_with_keys_values(
     model: Model,
     tokens: Int[torch.Tensor, "batch pos"],
-    extra_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] | None = None,
+    names: Collection[str],
     **kwargs: Any,
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Bridge forward that returns the last block's output and never computes the logits."""
-    captured: dict[str, torch.Tensor] = {}
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], KeyValueRecord]:
+    """:func:`run_with_states` through every block that also records each layer's keys and values.
 
-    def capture(act: torch.Tensor, hook: object = None) -> None:
-        captured["final"] = act
-        raise _StopForward
+    The record lets later passes continue any rows and leading positions of this run without
+    recomputing them (:func:`frozen_prefix_from`).
 
-    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
-        *(extra_hooks or []),
-        (_bridge_final_hook_name(model), capture),
-    ]
-    try:
-        with model.hooks(fwd_hooks=hooks):
-            model(tokens, **kwargs)
-    except _StopForward:
-        pass
-    if "final" not in captured:  # pragma: no cover - the hook always fires
-        raise RuntimeError("the bridge's final-norm hook did not fire")
-    return captured["final"]
+    Args:
+        model: the model.
+        tokens: input tokens.
+        names: hook names to keep.
+        **kwargs: passed to the forward pass (e.g. ``attention_mask``).
+
+    Returns:
+        ``(residual after the last block, {name: activation}, keys and values)``.
+
+    Raises:
+        TypeError: the model has no TransformerLens key-value cache (a TransformerBridge);
+            check :func:`supports_frozen_prefix` first.
+    """
+    return adapter_for(model).run_with_keys_values(model, tokens, names, **kwargs)
+
+
+def frozen_prefix_from(
+    model: Model, record: KeyValueRecord, width: int, rows: slice | torch.Tensor
+) -> FrozenPrefix:
+    """A :class:`FrozenPrefix` of positions ``[0, width)`` of the chosen ``rows`` of a record.
+
+    Args:
+        model: the model the record was made on.
+        record: keys and values from :func:`run_with_keys_values`.
+        width: number of leading positions kept.
+        rows: the record's rows to keep (a slice, or indices; repeats allowed).
+
+    Raises:
+        TypeError: the model has no TransformerLens key-value cache (a TransformerBridge).
+    """
+    return adapter_for(model).prefix_from_keys_values(model, record, width, rows)
 
 
 def final_residual(
@@ -365,9 +308,7 @@ def final_residual(
 
     ``kwargs`` go to the forward pass (e.g. ``attention_mask``).
     """
-    if is_bridge(model):
-        return _bridge_forward_to_final(model, tokens, **kwargs)
-    return model(tokens, stop_at_layer=n_layers(model), **kwargs)
+    return adapter_for(model).final_residual(model, tokens, **kwargs)
 
 
 def run_with_states(
@@ -390,30 +331,7 @@ def run_with_states(
         ``(residual, states)``: the residual after the last block run (never logits) and
         ``{name: activation}`` for the names that fired.
     """
-    wanted = set(names)
-    if not is_bridge(model):
-        stop = n_layers(model) if stop_at_layer is None else stop_at_layer
-        hooked: Any = model
-        out, cache = hooked.run_with_cache(
-            tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop, **kwargs
-        )
-        return out, {n: cache[n] for n in wanted if n in cache.cache_dict}
-    states: dict[str, torch.Tensor] = {}
-
-    def keeper(name: str) -> Callable[..., Any]:
-        def keep(act: torch.Tensor, hook: object = None) -> None:
-            states[name] = act
-
-        return keep
-
-    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
-        (name, keeper(name)) for name in wanted
-    ]
-    if stop_at_layer is None or stop_at_layer >= n_layers(model):
-        return _bridge_forward_to_final(model, tokens, extra_hooks=hooks, **kwargs), states
-    with model.hooks(fwd_hooks=hooks):
-        out = model(tokens, stop_at_layer=stop_at_layer, **kwargs)
-    return out, states
+    return adapter_for(model).run_with_states(model, tokens, names, stop_at_layer, **kwargs)
 
 
 def run_blocks_from(
@@ -436,24 +354,11 @@ def run_blocks_from(
     A TransformerBridge on TransformerLens 3.9 cannot start at a layer; there the forward runs
     from placeholder tokens and ``blocks.{layer}.hook_resid_pre`` is replaced by ``resid``
     (same result, the blocks below ``layer`` run for nothing).
+
+    Raises:
+        TypeError: a ``prefix`` on a model without frozen prefixes (a TransformerBridge).
     """
-    if not is_bridge(model):
-        kwargs: dict[str, Any] = {}
-        if prefix is not None:
-            kwargs["past_kv_cache"] = prefix.cache
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        return model(resid, start_at_layer=layer, stop_at_layer=n_layers(model), **kwargs)
-    if prefix is not None:
-        raise TypeError("a TransformerBridge has no TransformerLens key-value cache")
-    placeholder = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
-
-    def replace(act: torch.Tensor, hook: object = None) -> torch.Tensor:
-        return resid.to(act.dtype)
-
-    return _bridge_forward_to_final(
-        model, placeholder, extra_hooks=[(resid_pre_hook_name(layer), replace)]
-    )
+    return adapter_for(model).run_blocks_from(model, resid, layer, prefix, attention_mask)
 
 
 def decode_residual(
@@ -464,24 +369,7 @@ def decode_residual(
     Only pass the positions you need: with a 262k vocabulary the unembedding costs more than the
     whole body of a small model.
     """
-    x = resid
-    if is_bridge(model):
-        x = model.ln_final(x.unsqueeze(0) if x.ndim == 2 else x)
-        logits = model.unembed(x)
-        if resid.ndim == 2:
-            logits = logits[0]
-        config = getattr(getattr(model, "original_model", None), "config", None)
-        cap = float(getattr(config, "final_logit_softcapping", None) or -1.0)
-    else:
-        if model.cfg.normalization_type is not None:
-            x = model.ln_final(x.unsqueeze(0) if x.ndim == 2 else x)
-            if resid.ndim == 2:
-                x = x[0]
-        logits = x @ model.W_U + model.b_U
-        cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+    return adapter_for(model).decode_residual(model, resid)
 
 
 class IncrementalDecoder:
@@ -499,32 +387,16 @@ class IncrementalDecoder:
 
     def __init__(self, model: Model, batch: int) -> None:
         self.model = model
-        if is_bridge(model):
-            self.cache: object = None
-        else:
-            from transformer_lens import TransformerLensKeyValueCache
-
-            self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+        self._adapter = adapter_for(model)
+        self.cache: object = self._adapter.start_decoding(model, batch)
 
     @torch.no_grad()
     def __call__(
         self, tokens: Int[torch.Tensor, "batch new"]
     ) -> Float[torch.Tensor, "batch d_vocab"]:
         """Feed ``tokens`` (the prompt first, then one token per row); logits of the next."""
-        if is_bridge(self.model):
-            bridge: Any = self.model
-            out = bridge.original_model(
-                input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1
-            )
-            self.cache = out.past_key_values
-            return out.logits[:, -1, :]
-        resid = self.model(
-            tokens,
-            past_kv_cache=self.cache,
-            attention_mask=torch.ones_like(tokens),
-            stop_at_layer=n_layers(self.model),
-        )
-        return decode_residual(self.model, resid[:, -1, :])
+        logits, self.cache = self._adapter.decode_step(self.model, self.cache, tokens)
+        return logits
 
 
 def weights_fingerprint(model: Model, overrides: dict[str, torch.Tensor] | None = None) -> str:
@@ -559,11 +431,10 @@ def _native_overrides(model: Model, overrides: dict[str, torch.Tensor]) -> dict[
     """Map ``blocks.L.mlp.W_out`` overrides ([d_mlp, d_model]) to the stored parameters."""
     native = {}
     for name, tensor in overrides.items():
-        match = _WEIGHT_NAME.fullmatch(name)
-        if match is None:
+        if not is_mlp_out_weight_name(name):
             native[name] = tensor
             continue
-        stored, _, transposed = mlp_out_parameter(model, int(match.group(1)))
+        stored, _, transposed = mlp_out_parameter(model, layer_of_weight_name(name))
         native[stored] = tensor.T if transposed else tensor
     return native
 

@@ -1,4 +1,10 @@
-"""Locating facts: causal tracing and activation patching."""
+"""Locating facts: causal tracing and activation patching.
+
+Modules: :mod:`~rome_lens.tracing.noise` (the subject corruption),
+:mod:`~rome_lens.tracing.restore` (the restoration engine both techniques share),
+:mod:`~rome_lens.tracing.causal`, :mod:`~rome_lens.tracing.patching` and
+:mod:`~rome_lens.tracing.dataset` (traces over many facts).
+"""
 
 from rome_lens.tracing.causal import (
     KINDS,
@@ -14,6 +20,7 @@ from rome_lens.tracing.dataset import (
     load_known_facts,
     trace_dataset,
 )
+from rome_lens.tracing.noise import subject_noise_hook
 from rome_lens.tracing.patching import activation_patch
 
 __all__ = [
@@ -27,5 +34,6 @@ __all__ = [
     "embedding_std",
     "load_known_facts",
     "restored_probability",
+    "subject_noise_hook",
     "trace_dataset",
 ]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from rome_lens._typing import Model
 from rome_lens.errors import RomeLensError
+from rome_lens.plotting import summary_heatmaps
 from rome_lens.predict import next_token_logprobs
 from rome_lens.requests import target_tokens
 from rome_lens.tracing.causal import KINDS, CausalTraceResult, causal_trace
@@ -125,6 +126,15 @@ class TraceSummary:
     counts: dict[str, int]
     per_fact: list[dict[str, Any]] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        curves = [curve for classes in self.effects.values() for curve in classes.values()]
+        layers = int(curves[0].shape[0]) if curves else 0
+        return (
+            f"TraceSummary(n_facts={self.n_facts}, p_clean={self.p_clean:.4g}, "
+            f"p_corrupted={self.p_corrupted:.4g}, kinds={tuple(self.effects)}, "
+            f"classes={len(self.counts)}, layers={layers})"
+        )
+
     @property
     def total_effect(self) -> float:
         """Average total effect ``p_clean - p_corrupted``."""
@@ -149,9 +159,7 @@ class TraceSummary:
 
     def plot(self, path: str | None = None) -> Any:
         """Heatmaps of average indirect effect, token class x layer, one per kind."""
-        from rome_lens.plotting import summary_heatmaps
-
-        return summary_heatmaps(self, path=path)
+        return summary_heatmaps(self, path=path, row_order=TOKEN_CLASSES)
 
 
 def summarize_records(records: Sequence[dict[str, Any]]) -> TraceSummary:
@@ -177,6 +185,17 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> TraceSummary:
     )
 
 
+def _read_records(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Per-fact records already in a JSONL file, by key (none if there is no file yet)."""
+    done: dict[str, dict[str, Any]] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["key"]] = row
+    return done
+
+
 def trace_dataset(
     model: Model,
     facts: Sequence[Fact],
@@ -200,13 +219,8 @@ def trace_dataset(
     Returns:
         A :class:`TraceSummary` over the traced (known) facts.
     """
-    done: dict[str, dict[str, Any]] = {}
     path = Path(out) if out is not None else None
-    if path is not None and path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["key"]] = row
+    done = _read_records(path)
     sink = path.open("a") if path is not None else None
     try:
         for fact in tqdm(facts, desc="tracing facts", disable=not progress):

@@ -4,10 +4,10 @@ Where causal tracing corrupts the subject with noise, activation patching corrup
 another subject: run the *corrupt* prompt (e.g. "The Colosseum is located in the city of"),
 restore one state at a time from the *clean* prompt ("The Eiffel Tower is located in the city
 of") and measure p(answer of the clean prompt). This is ``transformer_lens.patching``'s
-technique restricted to the three state kinds of the ROME paper, computed with the same batched
-machinery as :func:`~rome_lens.tracing.causal_trace` (one corrupted run cached, restored runs
-batched, logits only at the last position), and returned as the same result value, with the
-same heatmaps and dataframe.
+technique restricted to the three state kinds of the ROME paper, computed with the restoration
+engine that :func:`~rome_lens.tracing.causal_trace` uses (:mod:`rome_lens.tracing.restore`:
+one corrupted run cached, restored runs batched, logits only at the last position), and
+returned as the same result value, with the same heatmaps and dataframe.
 
 Example:
     >>> res = activation_patch(model, "The Eiffel Tower is located in the city of",
@@ -18,20 +18,23 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 
 from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
-from rome_lens.requests import target_tokens
-from rome_lens.tracing.causal import (
-    _HOOKS,
+from rome_lens.tracing.causal import CausalTraceResult
+from rome_lens.tracing.restore import (
     KINDS,
-    CausalTraceResult,
+    STATE_HOOKS,
     CorruptedRun,
-    _restoration_grids,
+    Hook,
+    record_clean,
+    resolve_method,
+    restoration_grids,
+    state_hook_names,
 )
 
 
@@ -65,49 +68,34 @@ def activation_patch(
     Raises:
         InvalidRequestError: prompts of different token lengths, or an unknown kind.
     """
-    if any(k not in _HOOKS for k in kinds):
+    if any(k not in STATE_HOOKS for k in kinds):
         raise InvalidRequestError(f"kinds must be among {KINDS}, got {list(kinds)}")
-    if method == "batched" and access.is_bridge(model):
-        method = "reference"  # the batched grids reuse TransformerLens key-value caches
-    clean_tokens = access.to_tokens(model, clean_prompt).to(model.cfg.device)
-    corrupt_tokens = access.to_tokens(model, corrupt_prompt).to(model.cfg.device)
-    if clean_tokens.shape != corrupt_tokens.shape:
-        raise InvalidRequestError(
-            f"prompts must have the same number of tokens: clean has {clean_tokens.shape[0]}, "
-            f"corrupt has {corrupt_tokens.shape[0]} ({model.to_str_tokens(corrupt_tokens)})"
-        )
-    n_layers, n_tok = access.n_layers(model), int(clean_tokens.shape[0])
-    names = [_HOOKS[k](layer) for k in kinds for layer in range(n_layers)]
-    clean_final, clean_cache = access.run_with_states(model, clean_tokens[None], names)
-    probs = access.decode_residual(model, cast(torch.Tensor, clean_final)[0, -1]).softmax(-1)
-    answer_id = int(probs.argmax()) if answer is None else int(target_tokens(model, answer)[0])
+    method = resolve_method(model, method)
+    clean_tokens, corrupt_tokens = _equal_length_tokens(model, clean_prompt, corrupt_prompt)
+    n_tok = int(clean_tokens.shape[0])
+    clean = record_clean(model, clean_tokens, state_hook_names(kinds, access.n_layers(model)),
+                         answer)
     differ = (clean_tokens != corrupt_tokens).nonzero().flatten().tolist()
     span = (differ[0], differ[-1] + 1) if differ else (0, 0)
     corrupted = CorruptedRun.record(model, corrupt_tokens[None], [], span[0] if differ else n_tok)
-    p_corrupt = access.decode_residual(model, corrupted.final_last[0]).softmax(-1)[answer_id]
-    scores = _restoration_grids(
-        model,
-        kinds,
-        window,
-        {name: clean_cache[name][0] for name in names},
-        corrupted,
-        answer_id,
-        method,
-        batch_size,
-        reference_run=lambda hooks: model.run_with_hooks(
-            corrupt_tokens[None], fwd_hooks=list(hooks)
-        ),
-        n_tok=n_tok,
+    p_corrupt = access.decode_residual(model, corrupted.final_last[0]).softmax(-1)[clean.answer]
+
+    def reference_run(hooks: list[Hook]) -> torch.Tensor:
+        return model.run_with_hooks(corrupt_tokens[None], fwd_hooks=list(hooks))
+
+    scores = restoration_grids(
+        model, kinds, window, clean.states, corrupted, clean.answer, method, batch_size,
+        reference_run,
     )
     assert model.tokenizer is not None
     return CausalTraceResult(
         prompt=clean_prompt,
         subject="".join(str(t) for t in model.to_str_tokens(clean_tokens[span[0] : span[1]])),
-        answer=str(model.tokenizer.decode([answer_id])),
-        answer_token=answer_id,
+        answer=str(model.tokenizer.decode([clean.answer])),
+        answer_token=clean.answer,
         tokens=[str(t) for t in model.to_str_tokens(clean_tokens)],
         subject_span=span,
-        p_clean=float(probs[answer_id]),
+        p_clean=clean.p_clean,
         p_corrupted=float(p_corrupt),
         scores=scores,
         noise_std=0.0,
@@ -116,3 +104,21 @@ def activation_patch(
         method=method,
         extra={"corrupt_prompt": corrupt_prompt},
     )
+
+
+def _equal_length_tokens(
+    model: Model, clean_prompt: str, corrupt_prompt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both prompts' tokens, on the model's device.
+
+    Raises:
+        InvalidRequestError: the prompts have different token lengths.
+    """
+    clean_tokens = access.to_tokens(model, clean_prompt).to(model.cfg.device)
+    corrupt_tokens = access.to_tokens(model, corrupt_prompt).to(model.cfg.device)
+    if clean_tokens.shape != corrupt_tokens.shape:
+        raise InvalidRequestError(
+            f"prompts must have the same number of tokens: clean has {clean_tokens.shape[0]}, "
+            f"corrupt has {corrupt_tokens.shape[0]} ({model.to_str_tokens(corrupt_tokens)})"
+        )
+    return clean_tokens, corrupt_tokens

@@ -120,3 +120,29 @@ def test_activation_patch_needs_equal_lengths(model: HookedTransformer) -> None:
 
     with pytest.raises(rome_lens.InvalidRequestError, match="same number of tokens"):
         activation_patch(model, "The big cat sat", "The dog sat")
+
+
+def test_result_repr_is_short_and_has_no_tensors(model: HookedTransformer) -> None:
+    trace = causal_trace(model, PROMPT, SUBJECT, kinds=("resid", "mlp"), samples=2, window=2)
+    text = repr(trace)
+    assert text.startswith("CausalTraceResult(")
+    for part in (repr(PROMPT), repr(SUBJECT), repr(trace.answer), f"{trace.p_clean:.4g}",
+                 f"{trace.p_corrupted:.4g}", "('resid', 'mlp')",
+                 f"{model.cfg.n_layers} layers x {len(trace.tokens)} tokens", "'batched'"
+                 if access.supports_frozen_prefix(model) else "'reference'"):
+        assert part in text
+    assert "tensor" not in text and len(text) < 400
+    assert "corrupt_prompt" not in text
+
+
+def test_patch_repr_names_the_corrupt_prompt(model: HookedTransformer) -> None:
+    from rome_lens.tracing import activation_patch
+
+    res = activation_patch(model, "The big cat sat", "The red dog sat", kinds=("resid",))
+    assert "corrupt_prompt='The red dog sat'" in repr(res) and "tensor" not in repr(res)
+
+
+def test_subject_noise_hook_is_public_and_the_old_name_still_works() -> None:
+    from rome_lens.tracing import causal, subject_noise_hook
+
+    assert causal._subject_noise_hook is subject_noise_hook

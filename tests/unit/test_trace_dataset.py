@@ -50,6 +50,13 @@ def test_trace_dataset_resumes(model: HookedTransformer, tmp_path: Path) -> None
     assert 0 <= layer < model.cfg.n_layers
     assert value == float(both.effects["mlp"]["last subject token"].max())
     assert len(both.to_dataframe()) == 3 * 6 * model.cfg.n_layers
+    text = repr(both)
+    assert text.startswith("TraceSummary(n_facts=2, ") and "tensor" not in text
+    assert f"layers={model.cfg.n_layers}" in text and "classes=6" in text
+    fig = both.plot(str(tmp_path / "summary.png"))
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+    rows = [label.get_text() for label in fig.axes[0].get_yticklabels()]
+    assert rows == list(TOKEN_CLASSES)  # the paper's order, not the order of the records
 
 
 def test_unknown_facts_are_skipped(model: HookedTransformer, tmp_path: Path) -> None:
