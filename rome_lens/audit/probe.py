@@ -57,6 +57,7 @@ from rome_lens.models import access
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
 from rome_lens.rome import default_entropy_layers, default_hparams
 from rome_lens.statistics import context_templates
+from rome_lens.tracing import embedding_std, subject_noise_hook
 
 logger = logging.getLogger(__name__)
 
@@ -408,8 +409,6 @@ def probe_edit(
         >>> first.verdict, second.verdict
         ('INSERTION', 'PARTIAL')
     """
-    from rome_lens.tracing.causal import _subject_noise_hook, embedding_std
-
     edits: list[EditLike] = (
         [cast(EditLike, edit)] if hasattr(edit, "applied") else list(cast(Sequence[EditLike], edit))
     )
@@ -458,7 +457,7 @@ def probe_edit(
     for i, prompt in enumerate(prompts):
         pos = [prompt.positions[p] for p in POSITIONS]
         if baseline is None:
-            noise = _subject_noise_hook(model, prompt.span, control_samples, std, seed + i)
+            noise = subject_noise_hook(model, prompt.span, control_samples, std, seed + i)
             with _state(model, edits, post=False):
                 states[(i, "pre")] = _layer_states(model, prompt.text, pos)
                 states[(i, "control")] = _layer_states(

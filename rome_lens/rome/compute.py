@@ -66,7 +66,7 @@ def compute_rome(
     """Compute a ROME edit for ``request``. The model is not modified.
 
     Args:
-        model: a HookedTransformer or TransformerBridge (any weight processing; the edit
+        model: a TransformerLens model of either API (any weight processing; the edit
             records which weights). Edits already applied to it are part of the model the new
             edit is computed on (recorded as ``edit.parents``); statistics and context prefixes
             always come from the unedited weights.

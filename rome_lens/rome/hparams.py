@@ -101,7 +101,7 @@ def default_hparams(model: Model) -> RomeHyperParams:
     Models without an entry get layer ``round(0.25 * n_layers)``: causal tracing puts factual
     recall in the early-to-middle MLPs (GPT-2 XL 17/48, GPT-J 5/28).
     """
-    # HookedTransformer names ("gemma-3-270m") or Hugging Face ids ("google/gemma-3-270m", a
+    # TransformerLens names ("gemma-3-270m") or Hugging Face ids ("google/gemma-3-270m", a
     # TransformerBridge's model_name) select the same entry.
     name = str(model.cfg.model_name).rsplit("/", 1)[-1]
     overrides = _MODEL_DEFAULTS.get(name, {})

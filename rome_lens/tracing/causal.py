@@ -68,9 +68,6 @@ __all__ = [
     "subject_noise_hook",
 ]
 
-# Kept until rome_lens.audit imports the public name (subject_noise_hook).
-_subject_noise_hook = subject_noise_hook
-
 
 @dataclass
 class CausalTraceResult:

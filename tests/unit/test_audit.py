@@ -53,11 +53,11 @@ class HookEdit:
 def _objects(model: HookedTransformer) -> tuple[int, int]:
     """Old object: the top-5 token the subject supports most (clean vs subject-noised, as the
     probe's control); new object: a token ranked ~10th."""
-    from rome_lens.tracing.causal import _subject_noise_hook, embedding_std
+    from rome_lens.tracing import embedding_std, subject_noise_hook
 
     probs = _final_probs(model, PROMPT)
     _, span = rome_lens.subject_token_span(model, PROMPT, SUBJECT)
-    noise = _subject_noise_hook(model, span, 8, 3 * embedding_std(model), 0)
+    noise = subject_noise_hook(model, span, 8, 3 * embedding_std(model), 0)
     with model.hooks(fwd_hooks=[(access.EMBED_HOOK, noise)]):
         control = model(model.to_tokens(PROMPT).expand(8, -1))[:, -1].softmax(-1).mean(0)
     order = probs.argsort(descending=True)

@@ -140,9 +140,3 @@ def test_patch_repr_names_the_corrupt_prompt(model: HookedTransformer) -> None:
 
     res = activation_patch(model, "The big cat sat", "The red dog sat", kinds=("resid",))
     assert "corrupt_prompt='The red dog sat'" in repr(res) and "tensor" not in repr(res)
-
-
-def test_subject_noise_hook_is_public_and_the_old_name_still_works() -> None:
-    from rome_lens.tracing import causal, subject_noise_hook
-
-    assert causal._subject_noise_hook is subject_noise_hook
