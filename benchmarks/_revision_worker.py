@@ -85,6 +85,7 @@ class Worker:
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
+    replies, sys.stdout = sys.stdout, sys.stderr  # libraries print; only replies go to stdout
     worker: Worker | None = None
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -97,8 +98,8 @@ def main() -> int:
         else:
             assert worker is not None
             out = getattr(worker, op)(**cmd)
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(out) + "\n")
+        replies.flush()
     return 0
 
 
