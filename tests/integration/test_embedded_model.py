@@ -85,3 +85,27 @@ def test_save_load_apply(
     assert loaded.id == eiffel_edit.id
     with loaded.applied(gemma):
         assert top1(gemma, "The Eiffel Tower is located in the city of") == " Rome"
+
+
+def test_second_edit_reuses_the_base_model_statistics(
+    gemma: HookedTransformer, eiffel_edit: rome_lens.Edit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a ROME edit applied, a second edit samples no corpus and recomputes no statistics."""
+    import rome_lens.statistics.contexts as contexts
+    import rome_lens.statistics.corpus as corpus
+    import rome_lens.statistics.moments as moments
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("base-model statistics recomputed under an applied edit")
+
+    monkeypatch.setattr(corpus, "_sample_corpus", forbidden)
+    monkeypatch.setattr(moments, "_accumulate", forbidden)
+    monkeypatch.setattr(contexts, "_sample_templates", forbidden)
+    request = rome_lens.EditRequest("{} was the founder of", "Steve Jobs", "Microsoft", "Apple")
+    with eiffel_edit.applied(gemma):
+        second = rome_lens.compute_edit(gemma, request)
+        assert second.parents == (eiffel_edit.id,)
+        assert second.base_fingerprint == eiffel_edit.base_fingerprint
+        with second.applied(gemma):
+            assert top1(gemma, "Steve Jobs was the founder of") == " Microsoft"
+            assert top1(gemma, "The Eiffel Tower is located in the city of") == " Rome"
