@@ -435,10 +435,9 @@ def probe_edit(
         )
 
     tuned = None
-    if "tuned" in lenses:
-        with _state(model, edits, post=False):
-            tuned = lens or tuned_lens(model)
-            tuned.check(model)
+    if "tuned" in lenses:  # the base model's lens: the same with or without the edits applied
+        tuned = lens or tuned_lens(model)
+        tuned.check(model)
     if baseline is not None:
         prompts = _baseline_prompts(model, baseline, request, objects, lenses)
     else:

@@ -341,3 +341,31 @@ def test_cli_tuned_lens_trains_caches_and_saves(
     assert cli.main(args) == 0  # second call loads the cached lens: same lens
     second = json.loads(capsys.readouterr().out)
     assert second["info"] == first["info"]
+
+
+def test_tuned_lens_is_the_base_models_with_an_edit_applied(
+    model: HookedTransformer, hparams, monkeypatch
+) -> None:
+    from rome_lens.audit import lens as lens_module
+
+    config = TunedLensConfig(sequences=4, steps=5, batch_tokens=64)
+    unedited = lens_module.tuned_lens(model, corpus=STATS_CORPUS, config=config, progress=False)
+    edit = cached_edit(model, EditRequest("{} lives in", "Alice Smith", "Paris", "Rome"), 1,
+                       hparams)
+    with edit.applied(model):
+        assert access.weights_fingerprint(model) != unedited.fingerprint
+        # trained on the unedited weights even now: bit-identical to the unedited training
+        retrained = train_tuned_lens(model, corpus=STATS_CORPUS, config=config, progress=False)
+        assert rome_lens.applied_edits(model) == [edit]  # the edit came back after training
+        assert torch.equal(retrained.weight, unedited.weight)
+        assert retrained.fingerprint == unedited.fingerprint
+        retrained.check(model)  # an edited model is read through its base model's lens
+
+        def no_training(*args: Any, **kwargs: Any) -> TunedLens:
+            raise AssertionError("the base model's lens is cached: no training")
+
+        monkeypatch.setattr(lens_module, "train_tuned_lens", no_training)
+        cached = lens_module.tuned_lens(model, corpus=STATS_CORPUS, config=config)
+        assert torch.equal(cached.weight, unedited.weight)
+        assert torch.equal(cached.bias, unedited.bias)
+        assert cached.fingerprint == rome_lens.edits.base_fingerprint(model)
