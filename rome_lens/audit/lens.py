@@ -90,7 +90,7 @@ class TunedLensConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(repr=False)
 class TunedLens:
     """Per-layer affine translators ``h -> h + h @ weight[l] + bias[l]``.
 
@@ -114,6 +114,14 @@ class TunedLens:
         """The untrained lens (every translator zero): equal to the logit lens."""
         n, d = access.n_layers(model), int(model.cfg.d_model)
         return cls(torch.zeros(n, d, d), torch.zeros(n, d), base_fingerprint(model))
+
+    def __repr__(self) -> str:
+        """One line: shape, base model, training corpus and size (no tensors)."""
+        info = self.info
+        trained = (f", corpus={info['corpus']!r}, tokens={info.get('tokens', '?')}, "
+                   f"steps={self.config.steps}") if "corpus" in info else ", untrained"
+        return (f"TunedLens(layers={self.n_layers}, d_model={int(self.weight.shape[-1])}, "
+                f"base={self.fingerprint[:8]}...{trained})")
 
     @property
     def n_layers(self) -> int:

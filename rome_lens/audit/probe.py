@@ -102,7 +102,7 @@ class VerdictRule:
     prompt_kinds: tuple[str, ...] | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class ProbeReport:
     """Evidence and verdict of :func:`probe_edit`.
 
@@ -135,6 +135,40 @@ class ProbeReport:
     attack_layers: list[int] = field(default_factory=list)
     objects: dict[str, int] = field(default_factory=dict)
     lenses: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        """A few lines for a notebook: the fact, verdict, best ranks, attacks, checks."""
+        req = self.request
+        lines = [
+            f"ProbeReport({self.verdict} at layer {self.layer}: {req.subject!r} in "
+            f"{req.template!r}, {req.target_true!r} -> {req.target_new!r}",
+            f"  old object's best rank at layers >= {self.layer}, post (pre): "
+            + ", ".join(f"{name} {self._rank_text(name, 'post')} ({self._rank_text(name, 'pre')})"
+                        for name in self.lenses or ("any",)),
+        ]
+        if self.output:
+            o = self.output
+            lines.append(f"  output p(old) {o['pre_old']:.3g} -> {o['post_old']:.3g}, "
+                         f"p(new) {o['pre_new']:.3g} -> {o['post_new']:.3g}")
+        for attack, by_budget in self.attacks.items():
+            hits = ", ".join(f"@{b} {'yes' if ok else 'no'}" for b, ok in by_budget.items())
+            lines.append(f"  AttackSuccess {attack}: {hits}")
+        lines.append(f"  structural check: {self._structural_text()}")
+        lines.append(f"  prompts {len(self.prompts)}, consistency probes "
+                     f"{len(self.consistency)}, records {len(self.records)} (.to_dataframe()))")
+        return "\n".join(lines)
+
+    def _rank_text(self, lens: str, condition: str) -> str:
+        rank = self.best_rank("old", condition, None if lens == "any" else lens)
+        return str(rank) if rank > 0 else "-"
+
+    def _structural_text(self) -> str:
+        if not self.structural:
+            return "not run"
+        n = len(self.structural.get("compared", []))
+        if self.structural.get("identical"):
+            return f"{n} states upstream of the edited MLP output bit-identical"
+        return f"CHANGED upstream: {self.structural.get('differing')}"
 
     def to_dataframe(self) -> Any:
         """The evidence table (pandas, long format)."""
