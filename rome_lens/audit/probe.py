@@ -54,6 +54,7 @@ from rome_lens.audit.lens import TunedLens, tuned_lens
 from rome_lens.edits import Edit
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
+from rome_lens.plotting import probe_ranks
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
 from rome_lens.rome import default_entropy_layers, default_hparams
 from rome_lens.statistics import context_templates
@@ -206,8 +207,6 @@ class ProbeReport:
 
     def plot(self, path: str | None = None, prompt_kind: str = "edit") -> Any:
         """Rank of the old and new object by layer, pre vs post, at both positions."""
-        from rome_lens.plotting import probe_ranks
-
         return probe_ranks(self, path=path, prompt_kind=prompt_kind)
 
 
