@@ -419,7 +419,8 @@ def probe_edit(
         n_contexts: context-prefixed variants of the edit prompt (model-written prefixes,
             sampled with a different seed from the ones ROME optimised on).
         lenses: ``"logit"`` and/or ``"tuned"``.
-        lens: the tuned lens (default: :func:`~rome_lens.audit.lens.tuned_lens`, cached).
+        lens: the tuned lens of the base model (default:
+            :func:`~rome_lens.audit.lens.tuned_lens`, cached; applied edits do not matter).
         attack_layers: layers attacked by Head Projection / Probability Delta (default: six
             evenly spaced layers from L to the last, the layers the ``max_entropy`` objective
             defends; with B = 20 each layer contributes its top 3).

@@ -436,3 +436,20 @@ def test_audit_seams_public_names_and_no_import_cycle() -> None:
         todo += runtime_deps(module)
     assert {"rome_lens.edits.registry", "rome_lens.models.access", "rome_lens.statistics.corpus",
             "rome_lens.tracing.causal"} <= seen
+
+
+def test_audit_functions_stay_readable() -> None:
+    """No function of the audit package is longer than 80 lines (its docstring aside)."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(rome_lens.__file__).parent / "audit").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            first = node.body[0]
+            doc = (first.end_lineno or first.lineno) - first.lineno + 1 if (
+                isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)) else 0
+            length = (node.end_lineno or node.lineno) - node.lineno + 1 - doc
+            assert length <= 80, f"{path.name}:{node.lineno} {node.name} has {length} lines"
