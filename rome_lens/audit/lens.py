@@ -19,8 +19,13 @@ Training (:func:`train_tuned_lens`) has two stages, both seeded:
 
 The training text is the model-sampled statistics corpus of ROME (cached), or any corpus
 :func:`~rome_lens.statistics.corpus_tokens` accepts. Position 0 (BOS, whose residual norm
-is an outlier in many models) is left out. Trained lenses are cached per model fingerprint and
-training settings; ``rome-lens tuned-lens`` trains one from the command line.
+is an outlier in many models) is left out.
+
+A lens describes the UNEDITED model, like the shared statistics: it is trained on the base
+weights (:func:`~rome_lens.edits.base_weights` restores them exactly under any stack of applied
+edits) and cached per base-model fingerprint and training settings, so probing an edited model
+reads it through the lens of the model before the edit, and the lens is trained once per base
+model. ``rome-lens tuned-lens`` trains one from the command line.
 
 Example:
     >>> lens = tuned_lens(model)                  # trains once (progress bar), then cached
@@ -43,6 +48,7 @@ from tqdm.auto import tqdm
 
 from rome_lens._cache import atomic_path, cache_dir
 from rome_lens._typing import Model
+from rome_lens.edits import base_fingerprint, base_weights
 from rome_lens.errors import CorruptEditFileError, FingerprintMismatchError, LayerOutOfRangeError
 from rome_lens.models import access
 from rome_lens.statistics import Corpus, StatisticsConfig, corpus_tokens
@@ -84,14 +90,15 @@ class TunedLensConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(repr=False)
 class TunedLens:
     """Per-layer affine translators ``h -> h + h @ weight[l] + bias[l]``.
 
     Attributes:
         weight: ``[n_layers, d_model, d_model]``; the last layer's is zero.
         bias: ``[n_layers, d_model]``; the last layer's is zero.
-        fingerprint: weights fingerprint of the model it was trained on.
+        fingerprint: base-model fingerprint (:func:`~rome_lens.edits.base_fingerprint`) of
+            the model it was trained on: the weights with every rome_lens edit removed.
         config: the training settings.
         info: training record (losses, timings, vocabulary size).
     """
@@ -106,7 +113,15 @@ class TunedLens:
     def identity(cls, model: Model) -> TunedLens:
         """The untrained lens (every translator zero): equal to the logit lens."""
         n, d = access.n_layers(model), int(model.cfg.d_model)
-        return cls(torch.zeros(n, d, d), torch.zeros(n, d), access.weights_fingerprint(model))
+        return cls(torch.zeros(n, d, d), torch.zeros(n, d), base_fingerprint(model))
+
+    def __repr__(self) -> str:
+        """One line: shape, base model, training corpus and size (no tensors)."""
+        info = self.info
+        trained = (f", corpus={info['corpus']!r}, tokens={info.get('tokens', '?')}, "
+                   f"steps={self.config.steps}") if "corpus" in info else ", untrained"
+        return (f"TunedLens(layers={self.n_layers}, d_model={int(self.weight.shape[-1])}, "
+                f"base={self.fingerprint[:8]}...{trained})")
 
     @property
     def n_layers(self) -> int:
@@ -130,11 +145,18 @@ class TunedLens:
         return access.decode_residual(model, self.translate(resid, layer))
 
     def check(self, model: Model) -> None:
-        """Raise if the lens was trained on another model."""
-        fp = access.weights_fingerprint(model)
+        """Raise if the lens was trained on another base model.
+
+        Applied rome_lens edits do not count: the lens describes the unedited model, and an
+        edited model is read through the lens of its base.
+
+        Raises:
+            FingerprintMismatchError: another base model, or another number of layers.
+        """
+        fp = base_fingerprint(model)
         if fp != self.fingerprint or self.n_layers != access.n_layers(model):
             raise FingerprintMismatchError(
-                f"tuned lens trained on weights {self.fingerprint}, model has {fp}"
+                f"tuned lens trained on base weights {self.fingerprint}, model's base is {fp}"
             )
 
     def save(self, path: str | Path) -> Path:
@@ -200,10 +222,13 @@ def train_tuned_lens(
     config: TunedLensConfig | None = None,
     progress: bool = True,
 ) -> TunedLens:
-    """Train a tuned lens on ``corpus`` (default: the model-sampled statistics corpus).
+    """Train a tuned lens of the base model on ``corpus`` (default: the statistics corpus).
+
+    Applied rome_lens edits are lifted while the lens trains (the base weights are restored
+    exactly, and the edits return on exit), so the lens always describes the unedited model.
 
     Args:
-        model: the model (not modified).
+        model: the model (its weights and edit state are the same on return).
         corpus: ``None`` (model samples, cached) or texts/files (see
             :func:`~rome_lens.statistics.corpus_tokens`).
         config: training settings.
@@ -213,8 +238,19 @@ def train_tuned_lens(
         A :class:`TunedLens` whose last layer is the identity.
     """
     config = config or TunedLensConfig()
+    # the corpus is the base model's already (and computed under base_weights, which does not
+    # nest), so it is read before the base weights are restored for training
     tokens, corpus_id = corpus_tokens(model, corpus, StatisticsConfig())
-    tokens = tokens[: config.sequences]
+    with base_weights(model):
+        lens = _train(model, tokens[: config.sequences], config, progress)
+    lens.info = {"corpus": corpus_id, **lens.info}
+    return lens
+
+
+def _train(
+    model: Model, tokens: torch.Tensor, config: TunedLensConfig, progress: bool
+) -> TunedLens:
+    """Least squares, then KL, on the residuals of ``tokens`` (on the weights as they are)."""
     states, final = _training_states(model, tokens)
     n_layers, n, d = states.shape
     lens = TunedLens.identity(model)
@@ -226,7 +262,7 @@ def train_tuned_lens(
     losses: list[float] = []
     if config.steps > 0 and n_layers > 1:
         losses = _fit_kl(model, lens, states, final, vocab, config, progress)
-    lens.info = {"corpus": corpus_id, "tokens": n, "kl_vocab": int(vocab.numel()),
+    lens.info = {"tokens": n, "kl_vocab": int(vocab.numel()),
                  "kl_losses": losses[:: max(1, len(losses) // 20)] + losses[-1:]}
     logger.info("tuned lens trained on %d tokens (KL vocab %d)", n, vocab.numel())
     return lens
@@ -316,10 +352,14 @@ def tuned_lens(
     train: bool = True,
     progress: bool = True,
 ) -> TunedLens:
-    """The model's tuned lens from the cache, trained (and cached) on first use.
+    """The base model's tuned lens from the cache, trained (and cached) on first use.
+
+    The cache key is the base-model fingerprint (equal to the weights fingerprint when no edit
+    is applied) with the corpus and settings, so the lens is the same, and trained once, with
+    or without edits applied.
 
     Args:
-        model: the model.
+        model: the model (its edit state does not matter, see :func:`train_tuned_lens`).
         corpus: training corpus (part of the cache key).
         config: training settings (part of the cache key).
         train: train when missing; if ``False`` a missing lens raises ``FileNotFoundError``.
@@ -328,7 +368,7 @@ def tuned_lens(
     config = config or TunedLensConfig()
     key = json.dumps({"corpus": repr(corpus), "config": asdict(config)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = cache_dir("tuned_lens") / f"{access.weights_fingerprint(model)}-{digest}.pt"
+    path = cache_dir("tuned_lens") / f"{base_fingerprint(model)}-{digest}.pt"
     if path.exists():
         lens = TunedLens.load(path)
         lens.check(model)

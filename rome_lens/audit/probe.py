@@ -54,6 +54,7 @@ from rome_lens.audit.lens import TunedLens, tuned_lens
 from rome_lens.edits import Edit
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
+from rome_lens.plotting import probe_ranks
 from rome_lens.requests import EditRequest, subject_token_span, target_tokens
 from rome_lens.rome import default_entropy_layers, default_hparams
 from rome_lens.statistics import context_templates
@@ -102,7 +103,7 @@ class VerdictRule:
     prompt_kinds: tuple[str, ...] | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class ProbeReport:
     """Evidence and verdict of :func:`probe_edit`.
 
@@ -135,6 +136,40 @@ class ProbeReport:
     attack_layers: list[int] = field(default_factory=list)
     objects: dict[str, int] = field(default_factory=dict)
     lenses: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        """A few lines for a notebook: the fact, verdict, best ranks, attacks, checks."""
+        req = self.request
+        lines = [
+            f"ProbeReport({self.verdict} at layer {self.layer}: {req.subject!r} in "
+            f"{req.template!r}, {req.target_true!r} -> {req.target_new!r}",
+            f"  old object's best rank at layers >= {self.layer}, post (pre): "
+            + ", ".join(f"{name} {self._rank_text(name, 'post')} ({self._rank_text(name, 'pre')})"
+                        for name in self.lenses or ("any",)),
+        ]
+        if self.output:
+            o = self.output
+            lines.append(f"  output p(old) {o['pre_old']:.3g} -> {o['post_old']:.3g}, "
+                         f"p(new) {o['pre_new']:.3g} -> {o['post_new']:.3g}")
+        for attack, by_budget in self.attacks.items():
+            hits = ", ".join(f"@{b} {'yes' if ok else 'no'}" for b, ok in by_budget.items())
+            lines.append(f"  AttackSuccess {attack}: {hits}")
+        lines.append(f"  structural check: {self._structural_text()}")
+        lines.append(f"  prompts {len(self.prompts)}, consistency probes "
+                     f"{len(self.consistency)}, records {len(self.records)} (.to_dataframe()))")
+        return "\n".join(lines)
+
+    def _rank_text(self, lens: str, condition: str) -> str:
+        rank = self.best_rank("old", condition, None if lens == "any" else lens)
+        return str(rank) if rank > 0 else "-"
+
+    def _structural_text(self) -> str:
+        if not self.structural:
+            return "not run"
+        n = len(self.structural.get("compared", []))
+        if self.structural.get("identical"):
+            return f"{n} states upstream of the edited MLP output bit-identical"
+        return f"CHANGED upstream: {self.structural.get('differing')}"
 
     def to_dataframe(self) -> Any:
         """The evidence table (pandas, long format)."""
@@ -172,8 +207,6 @@ class ProbeReport:
 
     def plot(self, path: str | None = None, prompt_kind: str = "edit") -> Any:
         """Rank of the old and new object by layer, pre vs post, at both positions."""
-        from rome_lens.plotting import probe_ranks
-
         return probe_ranks(self, path=path, prompt_kind=prompt_kind)
 
 
@@ -200,6 +233,8 @@ def _state(model: Model, edits: Sequence[EditLike], post: bool) -> Iterator[None
 
 @dataclass
 class _Prompt:
+    """A probed prompt: kind (edit, paraphrase, context), text, probed positions, subject span."""
+
     kind: str
     text: str
     positions: dict[str, int]
@@ -210,14 +245,21 @@ def _prompts(
     model: Model, request: EditRequest, paraphrases: Sequence[str],
     contexts: Sequence[str],
 ) -> list[_Prompt]:
-    out = []
+    """The edit prompt, its paraphrases and its context-prefixed variants, in that order."""
     variants = [("edit", request.text)] + [("paraphrase", p) for p in paraphrases]
     variants += [("context", c.replace("{}", request.text)) for c in contexts]
-    for kind, text in variants:
-        tokens, span = subject_token_span(model, text, request.subject)
-        out.append(_Prompt(kind, text, {"last_subject": span[1] - 1,
-                                        "last": int(tokens.shape[0]) - 1}, span))
-    return out
+    return [_prompt(model, kind, text, request.subject) for kind, text in variants]
+
+
+def _prompt(model: Model, kind: str, text: str, subject: str) -> _Prompt:
+    """A probed prompt with its subject span and probed positions.
+
+    Raises:
+        SubjectNotFoundError: ``text`` does not contain ``subject``.
+    """
+    tokens, span = subject_token_span(model, text, subject)
+    return _Prompt(kind, text, {"last_subject": span[1] - 1, "last": int(tokens.shape[0]) - 1},
+                   span)
 
 
 @torch.no_grad()
@@ -377,7 +419,8 @@ def probe_edit(
         n_contexts: context-prefixed variants of the edit prompt (model-written prefixes,
             sampled with a different seed from the ones ROME optimised on).
         lenses: ``"logit"`` and/or ``"tuned"``.
-        lens: the tuned lens (default: :func:`~rome_lens.audit.lens.tuned_lens`, cached).
+        lens: the tuned lens of the base model (default:
+            :func:`~rome_lens.audit.lens.tuned_lens`, cached; applied edits do not matter).
         attack_layers: layers attacked by Head Projection / Probability Delta (default: six
             evenly spaced layers from L to the last, the layers the ``max_entropy`` objective
             defends; with B = 20 each layer contributes its top 3).
@@ -409,54 +452,108 @@ def probe_edit(
         >>> first.verdict, second.verdict
         ('INSERTION', 'PARTIAL')
     """
+    edits = _as_edits(edit)
+    request = request or edits[0].request
+    _check_request_and_lenses(request, lenses)
+    rule = rule or VerdictRule()
+    layer = min(e.layer for e in edits)
+    objects = _tracked_objects(model, request, object_tokens)
+    tuned = None
+    if "tuned" in lenses:  # the base model's lens: the same with or without the edits applied
+        tuned = lens or tuned_lens(model)
+        tuned.check(model)
+    if baseline is not None:
+        prompts = _baseline_prompts(model, baseline, request, objects, lenses)
+    else:
+        prompts = _prompts(model, request, paraphrases, _contexts(model, n_contexts))
+    structural = _structural_check(model, edits, request.text, layer)
+
+    states = _run_states(model, edits, prompts, with_pre=baseline is None,
+                         control_samples=control_samples, seed=seed)
+    records, attack_probs = _decode_records(model, states, prompts, objects, lenses, tuned)
+    if baseline is not None:  # the pre-edit and control cells of the same prompts, first
+        records = _baseline_records(baseline) + records
+    _mark_decodable(records, rule, layer)
+    output = _output_probs(records, objects, lenses[0], access.n_layers(model) - 1)
+
+    att_layers = (list(attack_layers) if attack_layers is not None
+                  else default_entropy_layers(model, layer))
+    if attack_probs is None:  # no logit-lens cells: decode the edit prompt for the attacks
+        attack_probs = _post_logit_probs(model, edits, prompts[0])
+    attacks = _attacks(attack_probs, att_layers, objects["old"], budgets)
+    return ProbeReport(
+        request=request, layer=layer, verdict=_verdict(records, output), rule=rule,
+        records=records, attack_layers=att_layers, attacks=attacks, structural=structural,
+        consistency=_consistency(model, edits, consistency), output=output,
+        prompts={f"{p.kind}{i}": p.text for i, p in enumerate(prompts)},
+        objects=dict(objects), lenses=tuple(lenses),
+    )
+
+
+# ------------------------------------------------------------- the steps of probe_edit
+def _as_edits(edit: EditLike | Sequence[EditLike]) -> list[EditLike]:
+    """One edit or a sequence of edits, as a non-empty list."""
     edits: list[EditLike] = (
         [cast(EditLike, edit)] if hasattr(edit, "applied") else list(cast(Sequence[EditLike], edit))
     )
     if not edits:
         raise InvalidRequestError("no edit to probe")
-    request = request or edits[0].request
+    return edits
+
+
+def _check_request_and_lenses(request: EditRequest, lenses: Sequence[str]) -> None:
+    """The probed fact needs its original object; lenses are ``logit`` and ``tuned``."""
     if request.target_true is None:
         raise InvalidRequestError("the probed request needs target_true (the original object)")
     bad = [name for name in lenses if name not in ("logit", "tuned")]
     if bad:
         raise InvalidRequestError(f"unknown lens {bad}; use 'logit' and/or 'tuned'")
-    rule = rule or VerdictRule()
-    layer = min(e.layer for e in edits)
-    n_layers = access.n_layers(model)
+
+
+def _tracked_objects(
+    model: Model, request: EditRequest, object_tokens: tuple[int, int] | None
+) -> dict[str, int]:
+    """Token ids of the old and new object (by default the targets' first tokens)."""
     if object_tokens is not None:
         objects = {"old": int(object_tokens[0]), "new": int(object_tokens[1])}
     else:
-        objects = {"old": int(target_tokens(model, request.target_true)[0]),
+        objects = {"old": int(target_tokens(model, cast(str, request.target_true))[0]),
                    "new": int(target_tokens(model, request.target_new)[0])}
     if objects["old"] == objects["new"]:
         raise InvalidRequestError(
             f"the original and new objects start with the same token ({objects['old']}); "
             "pass object_tokens"
         )
+    return objects
 
-    tuned = None
-    if "tuned" in lenses:
-        with _state(model, edits, post=False):
-            tuned = lens or tuned_lens(model)
-            tuned.check(model)
-    if baseline is not None:
-        prompts = _baseline_prompts(model, baseline, request, objects, lenses)
-    else:
-        with _state(model, edits, post=False):
-            hp = default_hparams(model)
-            hp = replace(hp, seed=hp.seed + 1, n_contexts_short=max(1, n_contexts),
-                         n_contexts_long=0)
-            contexts = (context_templates(model, hp)[1 : 1 + n_contexts] if n_contexts > 0
-                        else [])
-        prompts = _prompts(model, request, paraphrases, contexts)
-    structural = _structural_check(model, edits, request.text, layer)
 
-    other = {"old": objects["new"], "new": objects["old"]}
-    std = 3.0 * embedding_std(model)
+def _contexts(model: Model, n_contexts: int) -> list[str]:
+    """``n_contexts`` model-written prefixes, sampled with another seed than ROME's.
+
+    Context templates belong to the base model (computed on its weights, cached per base
+    fingerprint), so the edit state does not matter here.
+    """
+    if n_contexts <= 0:
+        return []
+    hp = default_hparams(model)
+    hp = replace(hp, seed=hp.seed + 1, n_contexts_short=max(1, n_contexts), n_contexts_long=0)
+    return list(context_templates(model, hp)[1 : 1 + n_contexts])
+
+
+def _run_states(
+    model: Model, edits: Sequence[EditLike], prompts: Sequence[_Prompt], *, with_pre: bool,
+    control_samples: int, seed: int,
+) -> dict[tuple[int, str], Float[torch.Tensor, "rows layer pos d_model"]]:
+    """Residuals of every prompt: post-edit, and (``with_pre``) pre-edit and the control.
+
+    The control is the unedited model with the subject's embeddings noised (3 x the embedding
+    std, as in causal tracing), ``control_samples`` rows seeded ``seed + prompt index``.
+    """
+    std = 3.0 * embedding_std(model) if with_pre else 0.0
     states: dict[tuple[int, str], torch.Tensor] = {}
     for i, prompt in enumerate(prompts):
         pos = [prompt.positions[p] for p in POSITIONS]
-        if baseline is None:
+        if with_pre:
             noise = subject_noise_hook(model, prompt.span, control_samples, std, seed + i)
             with _state(model, edits, post=False):
                 states[(i, "pre")] = _layer_states(model, prompt.text, pos)
@@ -464,12 +561,21 @@ def probe_edit(
                     model, prompt.text, pos, [(access.EMBED_HOOK, noise)], control_samples)
         with _state(model, edits, post=True):
             states[(i, "post")] = _layer_states(model, prompt.text, pos)
+    return states
 
-    records: list[dict[str, Any]] = []
-    if baseline is not None:  # the pre-edit and control cells of the same prompts
-        records = [{k: v for k, v in r.items() if k not in ("decodable", "control_prob")}
-                   for r in baseline.records if r["condition"] in ("pre", "control")]
+
+def _decode_records(
+    model: Model, states: dict[tuple[int, str], torch.Tensor], prompts: Sequence[_Prompt],
+    objects: dict[str, int], lenses: Sequence[str], tuned: TunedLens | None,
+) -> tuple[list[dict[str, Any]], Float[torch.Tensor, "layer d_vocab"] | None]:
+    """Records of every decoded cell, and the attacks' input.
+
+    The attacks' input is the logit-lens post-edit probabilities at the last token of the edit
+    prompt, ``[layer, d_vocab]`` (``None`` when the logit lens is not among ``lenses``).
+    """
+    other = {"old": objects["new"], "new": objects["old"]}
     keys = list(states)
+    records: list[dict[str, Any]] = []
     attack_probs: torch.Tensor | None = None
     for lens_name in lenses:
         decoded = _decode_groups(model, [states[k] for k in keys], lens_name, tuned)
@@ -478,34 +584,43 @@ def probe_edit(
                 attack_probs = p[:, 1].clone()
             records += _cell_records(p, objects, other, prompts[i], i, condition, lens_name)
         del decoded
-    _mark_decodable(records, rule, layer)
+    return records, attack_probs
 
-    def _output(condition: str, obj: str) -> float:
-        return next(r["prob"] for r in records
-                    if r["condition"] == condition and r["prompt_index"] == 0
-                    and r["position"] == "last" and r["layer"] == n_layers - 1
-                    and r["lens"] == lenses[0] and r["object"] == obj)
 
-    output = {f"{c}_{o}": _output(c, o) for c in ("pre", "post") for o in objects}
-    att_layers = (list(attack_layers) if attack_layers is not None
-                  else default_entropy_layers(model, layer))
-    if attack_probs is None:
-        with _state(model, edits, post=True):
-            st = _layer_states(model, request.text, [prompts[0].positions["last"]])
-        attack_probs = _decode_groups(model, [st], "logit", None)[0][:, 0]
-    attacks = _attacks(attack_probs, att_layers, objects["old"], budgets)
-    consist = _consistency(model, edits, consistency)
+def _baseline_records(baseline: ProbeReport) -> list[dict[str, Any]]:
+    """The baseline's pre-edit and control cells, without the fields of its verdict."""
+    return [{k: v for k, v in r.items() if k not in ("decodable", "control_prob")}
+            for r in baseline.records if r["condition"] in ("pre", "control")]
 
-    decodable = any(r.get("decodable") for r in records)
-    new_wins = output["post_new"] > output["post_old"]
-    verdict = ERASURE if not decodable else (INSERTION if new_wins else PARTIAL)
-    return ProbeReport(
-        request=request, layer=layer, verdict=verdict, rule=rule, records=records,
-        attack_layers=att_layers,
-        attacks=attacks, structural=structural, consistency=consist, output=output,
-        prompts={f"{p.kind}{i}": p.text for i, p in enumerate(prompts)},
-        objects=dict(objects), lenses=tuple(lenses),
-    )
+
+def _output_probs(
+    records: list[dict[str, Any]], objects: dict[str, int], lens: str, last_layer: int
+) -> dict[str, float]:
+    """``{pre,post}_{old,new}``: probabilities at the last layer and token of the edit prompt."""
+
+    def prob(condition: str, obj: str) -> float:
+        return float(next(r["prob"] for r in records
+                          if r["condition"] == condition and r["prompt_index"] == 0
+                          and r["position"] == "last" and r["layer"] == last_layer
+                          and r["lens"] == lens and r["object"] == obj))
+
+    return {f"{c}_{o}": prob(c, o) for c in ("pre", "post") for o in objects}
+
+
+def _post_logit_probs(
+    model: Model, edits: Sequence[EditLike], prompt: _Prompt
+) -> Float[torch.Tensor, "layer d_vocab"]:
+    """Logit-lens probabilities at every layer, post-edit, at the last token of ``prompt``."""
+    with _state(model, edits, post=True):
+        st = _layer_states(model, prompt.text, [prompt.positions["last"]])
+    return _decode_groups(model, [st], "logit", None)[0][:, 0]
+
+
+def _verdict(records: list[dict[str, Any]], output: dict[str, float]) -> str:
+    """ERASURE if nothing is decodable, else INSERTION if the new object wins, else PARTIAL."""
+    if not any(r.get("decodable") for r in records):
+        return ERASURE
+    return INSERTION if output["post_new"] > output["post_old"] else PARTIAL
 
 
 def _baseline_prompts(
@@ -525,12 +640,8 @@ def _baseline_prompts(
     if missing:
         raise InvalidRequestError(f"baseline has no cells for lens(es) {missing}")
     kinds = {r["prompt_index"]: r["prompt_kind"] for r in baseline.records}
-    out = []
-    for i, text in enumerate(baseline.prompts.values()):
-        tokens, span = subject_token_span(model, text, request.subject)
-        out.append(_Prompt(kinds[i], text, {"last_subject": span[1] - 1,
-                                            "last": int(tokens.shape[0]) - 1}, span))
-    return out
+    return [_prompt(model, kinds[i], text, request.subject)
+            for i, text in enumerate(baseline.prompts.values())]
 
 
 def _cell_records(

@@ -341,3 +341,115 @@ def test_cli_tuned_lens_trains_caches_and_saves(
     assert cli.main(args) == 0  # second call loads the cached lens: same lens
     second = json.loads(capsys.readouterr().out)
     assert second["info"] == first["info"]
+
+
+def test_tuned_lens_is_the_base_models_with_an_edit_applied(
+    model: HookedTransformer, hparams, monkeypatch
+) -> None:
+    from rome_lens.audit import lens as lens_module
+
+    config = TunedLensConfig(sequences=4, steps=5, batch_tokens=64)
+    unedited = lens_module.tuned_lens(model, corpus=STATS_CORPUS, config=config, progress=False)
+    edit = cached_edit(model, EditRequest("{} lives in", "Alice Smith", "Paris", "Rome"), 1,
+                       hparams)
+    with edit.applied(model):
+        assert access.weights_fingerprint(model) != unedited.fingerprint
+        # trained on the unedited weights even now: bit-identical to the unedited training
+        retrained = train_tuned_lens(model, corpus=STATS_CORPUS, config=config, progress=False)
+        assert rome_lens.applied_edits(model) == [edit]  # the edit came back after training
+        assert torch.equal(retrained.weight, unedited.weight)
+        assert retrained.fingerprint == unedited.fingerprint
+        retrained.check(model)  # an edited model is read through its base model's lens
+
+        def no_training(*args: Any, **kwargs: Any) -> TunedLens:
+            raise AssertionError("the base model's lens is cached: no training")
+
+        monkeypatch.setattr(lens_module, "train_tuned_lens", no_training)
+        cached = lens_module.tuned_lens(model, corpus=STATS_CORPUS, config=config)
+        assert torch.equal(cached.weight, unedited.weight)
+        assert torch.equal(cached.bias, unedited.bias)
+        assert cached.fingerprint == rome_lens.edits.base_fingerprint(model)
+
+
+def _rome_lens_imports(tree: Any) -> list[tuple[str, list[str], bool]]:
+    """``(module, names, inside a function)`` of every import of rome_lens at run time.
+
+    ``if TYPE_CHECKING:`` blocks are left out (they import nothing at run time).
+    """
+    import ast
+
+    out: list[tuple[str, list[str], bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("rome_lens"):
+                out.append((str(child.module), [a.name for a in child.names], in_function))
+            if isinstance(child, ast.Import):
+                out.extend((a.name, [], in_function) for a in child.names
+                           if a.name.startswith("rome_lens"))
+            visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    visit(tree, False)
+    return out
+
+
+def test_audit_seams_public_names_and_no_import_cycle() -> None:
+    import ast
+    from pathlib import Path
+
+    package = Path(rome_lens.__file__).parent
+
+    def module_path(module: str) -> Path:
+        path = package.parent / module.replace(".", "/")
+        return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+    def imports(module: str) -> list[tuple[str, list[str], bool]]:
+        return _rome_lens_imports(ast.parse(module_path(module).read_text()))
+
+    def runtime_deps(module: str) -> list[str]:
+        """Modules ``module`` imports at import time (``from pkg import submodule`` too)."""
+        found = [s for s, _, in_function in imports(module) if not in_function]
+        found += [f"{s}.{n}" for s, names, in_function in imports(module) if not in_function
+                  for n in names if module_path(f"{s}.{n}").exists()]
+        return found
+
+    audit = [f"rome_lens.audit.{p.stem}" for p in (package / "audit").glob("*.py")]
+    for module in audit:
+        for source, names, in_function in imports(module):
+            if source.startswith("rome_lens.audit"):
+                continue
+            assert not [n for n in names if n.startswith("_")], (module, source, names)
+            assert not in_function, f"{module} imports {source} inside a function"
+    # nothing audit needs at import time imports audit back (the top-level package aside,
+    # which only re-exports)
+    seen, todo = set(), [s for m in audit for s in runtime_deps(m)]
+    while todo:
+        module = todo.pop()
+        if module in seen or module == "rome_lens" or not module_path(module).exists():
+            continue
+        seen.add(module)
+        assert module.startswith("rome_lens.audit") or not any(
+            s.startswith("rome_lens.audit") for s, _, _ in imports(module)
+        ), f"{module} imports rome_lens.audit: an import cycle"
+        todo += runtime_deps(module)
+    assert {"rome_lens.edits.registry", "rome_lens.models.access", "rome_lens.statistics.corpus",
+            "rome_lens.tracing.causal"} <= seen
+
+
+def test_audit_functions_stay_readable() -> None:
+    """No function of the audit package is longer than 80 lines (its docstring aside)."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(rome_lens.__file__).parent / "audit").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            first = node.body[0]
+            doc = (first.end_lineno or first.lineno) - first.lineno + 1 if (
+                isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)) else 0
+            length = (node.end_lineno or node.lineno) - node.lineno + 1 - doc
+            assert length <= 80, f"{path.name}:{node.lineno} {node.name} has {length} lines"
