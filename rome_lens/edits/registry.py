@@ -51,6 +51,7 @@ class _Registry:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     written: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: list[Edit] = field(default_factory=list)
+    base_depth: int = 0  # > 0 while base_weights() holds the unedited weights
 
 
 def _registry(model: Model) -> _Registry | None:
@@ -116,15 +117,17 @@ def base_weights(model: Model) -> Iterator[Model]:
     edits.
     """
     reg = _registry(model)
-    if reg is None:
+    if reg is None or reg.base_depth > 0:  # unedited already (nested calls are free)
         yield model
         return
     _check_untouched(model, reg)
     for name, original in reg.originals.items():
         _write(model, name, original)
+    reg.base_depth += 1
     try:
         yield model
     finally:
+        reg.base_depth -= 1
         for name, value in reg.written.items():
             _write(model, name, value)
 
@@ -142,6 +145,8 @@ def _write(model: Model, name: str, value: torch.Tensor) -> None:
 
 
 def _check_untouched(model: Model, reg: _Registry) -> None:
+    if reg.base_depth > 0:
+        raise EditStateError("edits cannot be applied or reverted inside base_weights()")
     for name, expected in reg.written.items():
         if not torch.equal(_read(model, name), expected):
             raise EditStateError(

@@ -318,3 +318,20 @@ def test_register_method(model, hparams) -> None:
             rome_lens.register_method("doubled", doubled)
     finally:
         _METHODS.pop("doubled")
+
+
+def test_base_weights_nests_and_refuses_edits_inside(model) -> None:
+    edit = _three_site_edit(model).apply(model)
+    edited = _weights(model)
+    with base_weights(model):
+        inner_base = _weights(model)
+        with base_weights(model):  # nested: still the base weights, nothing rewritten
+            assert all(torch.equal(a, b) for a, b in zip(_weights(model), inner_base,
+                                                         strict=True))
+        with pytest.raises(rome_lens.EditStateError, match="base_weights"):
+            edit.revert(model)
+        with pytest.raises(rome_lens.EditStateError, match="base_weights"):
+            _dense_edit(model).apply(model)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), edited, strict=True))
+    assert rome_lens.applied_edits(model) == [edit]
+    edit.revert(model)
