@@ -320,7 +320,8 @@ def evaluate_rome(
     """Edit each record with ROME (one at a time, reverted in between) and score it.
 
     Returns:
-        ``(unedited scores, edited scores)``, one per record.
+        ``(unedited scores, edited scores)``: two lists of :class:`RecordScores`, one per
+        record; :func:`summarize` turns either into ES/PS/NS/S.
     """
     from rome_lens.rome import compute_rome
 
