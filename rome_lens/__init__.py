@@ -1,12 +1,14 @@
 """rome_lens: locate, edit and audit factual knowledge in TransformerLens models.
 
-Example:
+Example (``load_model()`` is skipped in the doctests, which run on a tiny random model):
     >>> import rome_lens
-    >>> model = rome_lens.load_model()                       # embedded gemma-3-270m, offline
+    >>> model = rome_lens.load_model()  # doctest: +SKIP
     >>> req = rome_lens.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
     >>> edit = rome_lens.compute_edit(model, req)             # ROME; model unchanged
-    >>> with edit.applied(model):
-    ...     print(rome_lens.top_tokens(model, req.text))
+    >>> with edit.applied(model):                             # reverted on exit
+    ...     top = rome_lens.top_tokens(model, req.text, k=3)  # [(token, probability), ...]
+    >>> len(top)
+    3
 """
 
 from rome_lens.audit import ProbeReport, TunedLens, VerdictRule, probe_edit, tuned_lens

@@ -11,11 +11,15 @@ target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_trut
 original nested CounterFact layout (requested_rewrite, paraphrase_prompts,
 neighborhood_prompts); :func:`load_counterfact` reads both.
 
-Example:
-    >>> records = load_counterfact("counterfact-dev.json")[:10]
-    >>> result = evaluate_rome(model, records)
-    >>> result.summary()
-    {'ES': 100.0, 'PS': 90.0, 'NS': 70.0, 'S': 85.4, ...}
+Example (one record written out; ``load_counterfact`` reads a file of them):
+    >>> records = load_counterfact("counterfact-dev.json")[:10]  # doctest: +SKIP
+    >>> records = [parse_record({
+    ...     "prompt": "{} lives in", "subject": "Alice Smith", "target_new": "Paris",
+    ...     "ground_truth": "Rome", "rephrase_prompt": "Where does Alice Smith live? In",
+    ...     "locality_prompt": "Bob Jones lives in", "locality_ground_truth": "Rome"})]
+    >>> before, after = evaluate_rome(model, records)   # RecordScores lists: unedited, edited
+    >>> summarize(after)
+    {'n': 1.0, 'ES': ..., 'PS': ..., 'NS': ..., 'S': ..., 'EM': ..., ...}
 """
 
 from __future__ import annotations
@@ -316,7 +320,8 @@ def evaluate_rome(
     """Edit each record with ROME (one at a time, reverted in between) and score it.
 
     Returns:
-        ``(unedited scores, edited scores)``, one per record.
+        ``(unedited scores, edited scores)``: two lists of :class:`RecordScores`, one per
+        record; :func:`summarize` turns either into ES/PS/NS/S.
     """
     from rome_lens.rome import compute_rome
 

@@ -15,8 +15,8 @@ Example:
     >>> req.text
     'The Eiffel Tower is located in the city of'
     >>> tokens, (start, end) = subject_token_span(model, req.text, req.subject)
-    >>> model.to_str_tokens(tokens[start:end])
-    ['The', ' Eiffel', ' Tower']
+    >>> "".join(model.to_str_tokens(tokens[start:end]))  # gemma: 'The', ' Eiffel', ' Tower'
+    'The Eiffel Tower'
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ model. ``rome-lens tuned-lens`` trains one from the command line.
 Example:
     >>> lens = tuned_lens(model)                  # trains once (progress bar), then cached
     >>> _, cache = model.run_with_cache("The Eiffel Tower is in")
-    >>> logits = lens.logits(model, cache["blocks.5.hook_resid_post"][0, -1], layer=5)
+    >>> logits = lens.logits(model, cache["blocks.1.hook_resid_post"][0, -1], layer=1)
+    >>> logits.shape == (model.cfg.d_vocab,)
+    True
 """
 
 from __future__ import annotations

@@ -13,11 +13,17 @@ Because the registry holds the unedited weights, it knows the BASE model: its fi
 weights without losing the applied edits.
 
 Example:
-    >>> edit.apply(model)
-    >>> applied_edits(model)                 # [Edit(rome, ...)]
+    >>> edit = rome_lens.compute_edit(model, request)
+    >>> edit.apply(model)                    # returns the edit
+    Edit(rome: 'Alice Smith' -> 'Paris'; blocks.1.mlp.W_out rank 1; id ...)
+    >>> applied_edits(model)
+    [Edit(rome: 'Alice Smith' -> 'Paris'; blocks.1.mlp.W_out rank 1; id ...)]
     >>> with base_weights(model):            # the unedited weights, restored exactly on exit
-    ...     ...
+    ...     base_fingerprint(model) == rome_lens.models.access.weights_fingerprint(model)
+    True
     >>> revert_all(model)
+    >>> applied_edits(model)
+    []
 """
 
 from __future__ import annotations

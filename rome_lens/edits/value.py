@@ -10,11 +10,13 @@ reversible in any order (see :mod:`rome_lens.edits.registry`).
 Example:
     >>> edit = rome_lens.compute_edit(model, request)      # model unchanged
     >>> edit
-    Edit(rome: 'The Eiffel Tower' -> 'Rome'; blocks.1.mlp.W_out rank 1; id 3f2a...)
+    Edit(rome: 'Alice Smith' -> 'Paris'; blocks.1.mlp.W_out rank 1; id ...)
     >>> with edit.applied(model):                          # reverted even on exceptions
-    ...     rome_lens.top_tokens(model, request.text)
-    >>> edit.save("eiffel.safetensors")
-    >>> same = rome_lens.load_edit("eiffel.safetensors", model=model)
+    ...     top = rome_lens.top_tokens(model, request.text)
+    >>> path = edit.save("alice.safetensors")
+    >>> same = rome_lens.load_edit("alice.safetensors", model=model)
+    >>> same.id == edit.id
+    True
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ and one :func:`register_method` call (or one line in ``_BUILTIN``).
 
 Example:
     >>> edit = compute_edit(model, EditRequest("{} plays", "LeBron James", "soccer"))
+    >>> req1 = EditRequest("{} lives in", "Alice Smith", "Paris")
+    >>> req2 = EditRequest("{} works in", "Bob Jones", "Rome")
     >>> edit = compute_edit(model, [req1, req2], method="ft-l", layer=2)
+    >>> edit
+    Edit(ft-l: 2 requests; blocks.2.mlp.W_out dense...)
     >>> available_methods()
     ['ft-l', 'rome']
 """

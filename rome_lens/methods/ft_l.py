@@ -9,8 +9,8 @@ are fine-tuned together (the mean of their NLLs).
 
 Example:
     >>> edit = compute_ft_l(model, EditRequest("{} is located in", "The Eiffel Tower", "Rome"))
-    >>> with edit.applied(model):
-    ...     ...
+    >>> with edit.applied(model):                   # fine-tuned weight inside, restored after
+    ...     top = rome_lens.top_tokens(model, "The Eiffel Tower is located in")
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def compute_ft_l(
     Example:
         >>> edit = compute_ft_l(model, EditRequest("{} is located in", "The Eiffel Tower",
         ...                                        "Rome"))
+        >>> edit.sites
+        (DenseSite(blocks.1.mlp.W_out, ...),)
     """
     requests = check_requests(request)
     hparams = hparams or FTLHyperParams()

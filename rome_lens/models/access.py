@@ -18,7 +18,9 @@ adapter; it never tests the model class itself):
 
 Example:
     >>> from rome_lens.models import access
-    >>> w = access.mlp_out_weight(model, 5)        # nn.Parameter [d_mlp, d_model]
+    >>> w = access.read_mlp_out(model, 1)          # [d_mlp, d_model] on either API
+    >>> tuple(w.shape) == (model.cfg.d_mlp, model.cfg.d_model)
+    True
     >>> access.key_hook_name(5)
     'blocks.5.mlp.hook_post'
 """
@@ -381,8 +383,12 @@ class IncrementalDecoder:
 
     Example:
         >>> step = IncrementalDecoder(model, batch=2)
+        >>> prompt_tokens = model.to_tokens(["The Eiffel", "The Space"])   # [2, pos]
         >>> logits = step(prompt_tokens)        # [2, d_vocab], for the next token
+        >>> next_tokens = logits.argmax(-1, keepdim=True)
         >>> logits = step(next_tokens)          # feed one new token per row
+        >>> logits.shape[0]
+        2
     """
 
     def __init__(self, model: Model, batch: int) -> None:

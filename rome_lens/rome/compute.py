@@ -19,8 +19,10 @@ These are independent ROME edits summed: for many facts at once, MEMIT is the me
 Example:
     >>> req = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
     >>> edit = compute_rome(model, req)          # model unchanged
-    >>> with edit.applied(model):
-    ...     model.generate("The Eiffel Tower is located in the city of", max_new_tokens=3)
+    >>> edit
+    Edit(rome: 'The Eiffel Tower' -> 'Rome'; blocks.1.mlp.W_out rank 1; id ...)
+    >>> with edit.applied(model):                # edited inside, restored exactly on exit
+    ...     text = model.generate(req.text, max_new_tokens=3, verbose=False)
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def compute_rome(
 
     Example:
         >>> edit = compute_rome(model, EditRequest("{} plays", "LeBron James", "soccer"))
+        >>> edit.sites[0].rank
+        1
     """
     if not isinstance(request, EditRequest):
         raise InvalidRequestError(f"request must be an EditRequest, got {type(request).__name__}")

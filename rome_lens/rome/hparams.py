@@ -8,7 +8,9 @@ up by its exact TransformerLens name, never by substring.
 
 Example:
     >>> hp = default_hparams(model)              # gemma-3-270m: layer 1
-    >>> hp = dataclasses.replace(hp, layer=6, v_num_grad_steps=30)
+    >>> hp = dataclasses.replace(hp, layer=2, v_num_grad_steps=30)
+    >>> hp.layer, hp.v_num_grad_steps, hp.v_lr
+    (2, 30, 0.5)
 """
 
 from __future__ import annotations

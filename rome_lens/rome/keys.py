@@ -6,7 +6,13 @@ model-written context prefixes, so the edit fires for the subject in any context
 averaged key is used in every later step (the r-ROME fix of Gupta et al. 2024).
 
 Example:
-    >>> keys, _ = subject_keys(model, 1, batch)      # [n_requests, d_mlp]
+    >>> from rome_lens.rome.prompts import value_batch
+    >>> from rome_lens.statistics import context_templates
+    >>> hp = rome_lens.default_hparams(model)
+    >>> batch = value_batch(model, [request], context_templates(model, hp), hp.kl_prompt)
+    >>> keys, _ = subject_keys(model, 1, batch)
+    >>> keys.shape                                   # [n_requests, d_mlp]
+    torch.Size([1, ...])
 """
 
 from __future__ import annotations

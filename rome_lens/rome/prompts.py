@@ -7,8 +7,11 @@ by the target's tokens for teacher forcing (the *value rows*), and one KL prompt
 where the key is read and where the value's change is added.
 
 Example:
-    >>> batch = value_batch(model, [request], context_templates(model, hp), hp)
+    >>> from rome_lens.statistics import context_templates
+    >>> hp = rome_lens.default_hparams(model)
+    >>> batch = value_batch(model, [request], context_templates(model, hp), hp.kl_prompt)
     >>> batch.tokens.shape          # [21 value rows + 1 KL row, width]
+    torch.Size([22, ...])
 """
 
 from __future__ import annotations

@@ -12,8 +12,21 @@ not depend on the others. Objectives (Hase et al. 2023; Patil et al. 2023):
 * ``"max_entropy"`` (Patil et al.'s defence): raise the logit-lens entropy at the last prompt
   token over ``entropy_layers`` on the bare prompt and its first five context variants.
 
-Example:
-    >>> delta, losses = optimise_values(model, layer, batch, v_orig, forward, hp)
+Example (the steps :func:`~rome_lens.rome.compute.compute_rome_edit` runs before this one):
+    >>> from rome_lens.models import access
+    >>> from rome_lens.rome.forwards import make_forward
+    >>> from rome_lens.rome.keys import subject_keys
+    >>> from rome_lens.rome.prompts import value_batch
+    >>> from rome_lens.statistics import context_templates
+    >>> hp, layer = rome_lens.default_hparams(model), 1
+    >>> batch = value_batch(model, [request], context_templates(model, hp), hp.kl_prompt)
+    >>> k_star, _ = subject_keys(model, layer, batch)
+    >>> with torch.no_grad():
+    ...     v_orig = access.mlp_value(model, layer, k_star)
+    >>> forward = make_forward(model, layer, batch, "naive", None, v_orig.dtype)
+    >>> delta, losses, final = optimise_values(model, layer, batch, v_orig, forward, hp)
+    >>> delta.shape == v_orig.shape                 # [n_requests, d_model]
+    True
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ Example:
     >>> tokens, corpus_id = corpus_tokens(model, None, StatisticsConfig())
     >>> tokens.shape
     torch.Size([128, 128])
+    >>> tokens, _ = corpus_tokens(model, ["some text", "more text"], StatisticsConfig(8, 4))
+    >>> tokens.shape[1]
+    4
+    >>> tokens, _ = corpus_tokens(model, "hf:wikitext:wikitext-2-raw-v1",  # doctest: +SKIP
+    ...                           StatisticsConfig())                      # needs the network
 """
 
 from __future__ import annotations

@@ -10,8 +10,11 @@ under any stack of applied edits, and can never be reused for another model, lay
 accident.
 
 Example:
-    >>> C = second_moment(model, layer=4)                     # [d_mlp, d_mlp], float32
-    >>> C = second_moment(model, 4, corpus=["some text", ...])
+    >>> C = second_moment(model, layer=1)                     # model-sampled corpus, cached
+    >>> C.shape == (model.cfg.d_mlp, model.cfg.d_mlp), C.dtype
+    (True, torch.float32)
+    >>> texts = ["The quick brown fox jumps over the lazy dog. "] * 60   # your own texts
+    >>> C = second_moment(model, 1, corpus=texts, hparams=StatisticsConfig(16, 32))  # 16 x 32
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ benchmarking; both use the same noise and agree to float precision.
 Example:
     >>> trace = causal_trace(model, "The Eiffel Tower is located in the city of",
     ...                      "The Eiffel Tower")
-    >>> trace.best_layer("mlp")            # layer of the strongest MLP effect at the subject
-    >>> trace.plot()                       # the paper's three heatmaps
-    >>> trace.to_dataframe().head()
+    >>> layer = trace.best_layer("mlp")    # layer of the strongest MLP effect at the subject
+    >>> fig = trace.plot()                 # the paper's three heatmaps
+    >>> list(trace.to_dataframe().columns)
+    ['kind', 'layer', 'position', 'token', 'is_subject', 'p_restored', 'indirect_effect']
 """
 
 from __future__ import annotations

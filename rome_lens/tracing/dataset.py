@@ -6,10 +6,14 @@ averaged over facts. Facts are kept only if the model predicts them (its top-1 t
 known answer). Per-fact results are appended to a JSONL file as they come, so an interrupted run
 resumes where it stopped.
 
-Example:
-    >>> facts = load_known_facts("known_1000.json")
-    >>> summary = trace_dataset(model, facts[:100], out="traces.jsonl")
-    >>> summary.plot("summary.png"); summary.to_dataframe()
+Example (``known_1000.json`` is the ROME paper's dataset; here one fact written out):
+    >>> facts = load_known_facts("known_1000.json")[:100]  # doctest: +SKIP
+    >>> facts = [Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Paris")]
+    >>> summary = trace_dataset(model, facts, out="traces.jsonl", only_known=False)
+    >>> summary.n_facts
+    1
+    >>> fig = summary.plot("summary.png")
+    >>> df = summary.to_dataframe()
 """
 
 from __future__ import annotations

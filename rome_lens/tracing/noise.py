@@ -5,9 +5,12 @@ times it, as in Meng et al. 2022) and every draw comes from an explicit seed, so
 restoration experiment and an audit's corrupted control see exactly the same noise.
 
 Example:
+    >>> tokens = model.to_tokens("The Eiffel Tower is in")          # [1, pos]
     >>> std = 3 * embedding_std(model)
     >>> noise = subject_noise_hook(model, span=(2, 5), samples=10, std=std, seed=0)
     >>> logits = model.run_with_hooks(tokens.expand(10, -1), fwd_hooks=[("hook_embed", noise)])
+    >>> logits.shape[0]                                             # one row per noise sample
+    10
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ returned as the same result value, with the same heatmaps and dataframe.
 
 Example:
     >>> res = activation_patch(model, "The Eiffel Tower is located in the city of",
-    ...                        "The Colosseum is located in the city of", answer="Paris")
-    >>> res.plot()
+    ...                        "The Space Needle is located in the city of", answer="Paris")
+    >>> res
+    CausalTraceResult(prompt='The Eiffel Tower is located in the city of', ...,
+                      corrupt_prompt='The Space Needle is located in the city of', ...)
+    >>> fig = res.plot()
 """
 
 from __future__ import annotations

@@ -18,11 +18,21 @@ key-value cache (where the model supports it, see
 Many restored runs share one batched forward pass and only the last position is decoded.
 ``method="reference"`` runs one full forward pass per cell instead, for checking.
 
-Example:
+Example (the three steps of :func:`~rome_lens.tracing.causal_trace`):
+    >>> from rome_lens.requests import subject_token_span
+    >>> from rome_lens.tracing.noise import embedding_std, subject_noise_hook
+    >>> tokens, span = subject_token_span(model, "The Eiffel Tower is in", "The Eiffel Tower")
+    >>> n_layers = model.cfg.n_layers
     >>> clean = record_clean(model, tokens, state_hook_names(KINDS, n_layers), answer=None)
-    >>> corrupted = CorruptedRun.record(model, noisy_batch_tokens, [noise_hook], first_changed)
+    >>> noise = subject_noise_hook(model, span, samples=4, std=3 * embedding_std(model), seed=0)
+    >>> noisy = tokens[None].expand(4, -1)
+    >>> corrupted = CorruptedRun.record(model, noisy, [("hook_embed", noise)], span[0])
+    >>> def reference_run(hooks):          # the corrupted run from scratch, with more hooks
+    ...     return model.run_with_hooks(noisy, fwd_hooks=[("hook_embed", noise), *hooks])
     >>> grids = restoration_grids(model, KINDS, 10, clean.states, corrupted, clean.answer,
-    ...                           "batched", 256, reference_run)
+    ...                           resolve_method(model, "batched"), 256, reference_run)
+    >>> grids["mlp"].shape == (n_layers, len(tokens))
+    True
 """
 
 from __future__ import annotations

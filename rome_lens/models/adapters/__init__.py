@@ -9,10 +9,9 @@ Code outside :mod:`rome_lens.models` goes through the facade :mod:`rome_lens.mod
 
 Example:
     >>> from rome_lens.models.adapters import adapter_for
-    >>> adapter_for(model).name
-    'hooked'
-    >>> adapter_for(model).supports_frozen_prefix
-    True
+    >>> adapter = adapter_for(model)
+    >>> adapter.name, adapter.supports_frozen_prefix   # ('hooked', True) or ('bridge', False)
+    ('...', ...)
 """
 
 from __future__ import annotations
