@@ -62,7 +62,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _out(f"\nComputing ROME edit: {DEMO_SUBJECT} -> Rome (first run also builds the key "
          "statistics; cached afterwards)")
     t0 = time.perf_counter()
-    edit = rome_lens.compute_rome(model, request, layer=args.layer)
+    options = {"layer": args.layer} if args.layer is not None else {}
+    edit = rome_lens.compute_edit(model, request, method=args.method, **options)
     secs = time.perf_counter() - t0
     unchanged = access.parameters_checksum(model) == checksum
     _out(f"Computed in {secs:.1f}s at layer {edit.layer} "
@@ -90,7 +91,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     request = rome_lens.EditRequest(args.prompt, args.subject, args.target_new, args.target_true)
     before = top_tokens(model, request.text, args.top_k)
     t0 = time.perf_counter()
-    edit = rome_lens.compute_rome(model, request, layer=args.layer)
+    options = {"layer": args.layer} if args.layer is not None else {}
+    edit = rome_lens.compute_edit(model, request, method=args.method, **options)
     secs = time.perf_counter() - t0
     extra = list(args.check or [])
     with edit.applied(model):
@@ -99,6 +101,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     saved = str(edit.save(args.save)) if args.save else None
     result: dict[str, Any] = {
         "request": request.to_dict(),
+        "method": edit.method,
         "layer": edit.layer,
         "seconds": secs,
         "losses": edit.info["losses"],
@@ -113,7 +116,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     else:
         _out(f"{request.text!r}")
         _out(f"  before: {_fmt(before)}")
-        _out(f"  after : {_fmt(after)}   (layer {edit.layer}, {secs:.1f}s)")
+        _out(f"  after : {_fmt(after)}   ({edit.method}, layer {edit.layer}, {secs:.1f}s)")
         for p, top in checks.items():
             _out(f"  {p!r} after: {_fmt(top)}")
         if saved:
@@ -239,12 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="model (default: embedded gemma-3-270m)")
     demo.add_argument("--layer", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
-    edit = sub.add_parser("edit", help="compute and show one ROME edit")
+    edit = sub.add_parser("edit", help="compute and show one edit (ROME by default)")
     edit.add_argument("--prompt", required=True, help="prompt, with {} for the subject or not")
     edit.add_argument("--subject", required=True)
     edit.add_argument("--target-new", required=True)
     edit.add_argument("--target-true", default=None)
     edit.add_argument("--layer", type=int, default=None)
+    edit.add_argument("--method", default="rome", help="editing method (rome, ft-l, ...)")
     edit.add_argument("--model", default=None)
     edit.add_argument("--check", action="append", help="another prompt to show after the edit")
     edit.add_argument("--top-k", type=int, default=5)

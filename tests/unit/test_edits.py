@@ -335,3 +335,19 @@ def test_base_weights_nests_and_refuses_edits_inside(model) -> None:
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), edited, strict=True))
     assert rome_lens.applied_edits(model) == [edit]
     edit.revert(model)
+
+
+def test_cli_edit_takes_a_method(model, tmp_path: Path, monkeypatch, capsys) -> None:
+    from rome_lens import cli
+
+    monkeypatch.setattr(rome_lens, "load_model", lambda name=None: model)
+    before = access.parameters_checksum(model)
+    args = ["edit", "--prompt", "{} lives in", "--subject", "Alice Smith", "--target-new",
+            "Paris", "--method", "ft-l", "--layer", "1", "--json", "--save",
+            str(tmp_path / "ftl")]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "ft-l" and result["layer"] == 1
+    loaded = rome_lens.load_edit(result["saved"], model=model)
+    assert loaded.id == result["edit_id"] and isinstance(loaded.sites[0], DenseSite)
+    assert access.parameters_checksum(model) == before
