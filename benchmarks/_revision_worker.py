@@ -77,6 +77,9 @@ class Worker:
         return {"case_id": case_id, "seconds": time.perf_counter() - t0,
                 "timings": edit.info["timings"]}
 
+    def kept(self) -> dict[str, Any]:
+        return {"case_ids": list(self.edits)}
+
     def rss(self) -> dict[str, Any]:
         return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 "load_s": self.load_s, "threads": torch.get_num_threads(),

@@ -100,11 +100,11 @@ def summarize(rows: list[dict[str, Any]], ids: list[int], speed_n: int) -> dict[
                 r["seconds"] for r in done[:speed_n]) if done else None,
             "median_s_per_edit_all": statistics.median(r["seconds"] for r in done)
             if done else None,
-            "ES_PS_NS_counts": _counts(scores),
             "summary": summary,
         }
-    both = [i for i in ids if any(r["case_id"] == i and r["revision"] == "old" for r in rows)
-            and any(r["case_id"] == i and r["revision"] == "new" for r in rows)]
+    edits = [r for r in rows if r["kind"] == "edit"]
+    both = [i for i in ids if any(r["case_id"] == i and r["revision"] == "old" for r in edits)
+            and any(r["case_id"] == i and r["revision"] == "new" for r in edits)]
     out["same_digest"] = sum(_row(rows, "old", i)["digest"] == _row(rows, "new", i)["digest"]
                              for i in both)
     out["max_relative_right_difference"] = max(
@@ -112,6 +112,7 @@ def summarize(rows: list[dict[str, Any]], ids: list[int], speed_n: int) -> dict[
             _row(rows, "new", i)["right"])).norm() / torch.tensor(
             _row(rows, "old", i)["right"]).norm()) for i in both), default=None)
     out["records_compared"] = len(both)
+    out["records_with_different_scores"] = _differences(rows, both)
     return out
 
 
@@ -120,18 +121,26 @@ def _row(rows: list[dict[str, Any]], revision: str, case_id: int) -> dict[str, A
                 and r["kind"] == "edit")
 
 
-def _counts(scores: list[Any]) -> dict[str, int]:
-    """Records counted as successes by each metric (ES/PS/NS are per-record booleans)."""
-    def count(values: list[list[bool]]) -> int:
-        return sum(all(v) if v else 0 for v in values)
+def _per_record(score: Any) -> dict[str, float]:
+    """A record's ES (0/1), PS and NS (fractions of its prompts)."""
+    def mean(values: list[bool]) -> float:
+        return sum(values) / len(values) if values else float("nan")
 
-    return {
-        "ES": sum(bool(s.es) for s in scores if s.es is not None),
-        "PS": sum(sum(s.ps) for s in scores) if scores and isinstance(scores[0].ps, list)
-        else count([]),
-        "NS": sum(sum(s.ns) for s in scores) if scores and isinstance(scores[0].ns, list)
-        else count([]),
-    }
+    return {"ES": mean(score.efficacy), "PS": mean(score.paraphrase),
+            "NS": mean(score.neighborhood)}
+
+
+def _differences(rows: list[dict[str, Any]], ids: list[int]) -> dict[str, int]:
+    """Records whose ES / PS / NS differ between the revisions."""
+    from rome_lens import evaluation as ev
+
+    out = {"ES": 0, "PS": 0, "NS": 0}
+    for i in ids:
+        old = _per_record(ev.RecordScores(**_row(rows, "old", i)["scores"]))
+        new = _per_record(ev.RecordScores(**_row(rows, "new", i)["scores"]))
+        for key in out:
+            out[key] += old[key] != new[key]
+    return out
 
 
 def main() -> int:  # noqa: C901
@@ -170,14 +179,22 @@ def main() -> int:  # noqa: C901
                 if args.max_minutes and time.monotonic() - start > 60 * args.max_minutes:
                     print("time budget reached; rerun to resume", flush=True)
                     break
-            second = []
+            second = [r for r in rows if r["kind"] == "second"]
             for k in range(1, min(args.second_n + 1, len(ids))):
+                if any(r["case_id"] == ids[k] for r in second):
+                    continue
                 new = revisions["new"]
+                if ids[k - 1] not in new.call("kept")["case_ids"]:
+                    new.call("edit", case_id=ids[k - 1], keep=True)
                 first = new.call("first_edit_default_stats", case_id=ids[k])
                 again = new.call("second_edit", applied_case=ids[k - 1], case_id=ids[k])
-                second.append({"case_id": ids[k], "first_s": first["seconds"],
-                               "with_edit_applied_s": again["seconds"],
-                               "stats_s": again["timings"]["stats_s"]})
+                row = {"revision": "new", "kind": "second", "case_id": ids[k],
+                       "first_s": first["seconds"], "with_edit_applied_s": again["seconds"],
+                       "stats_s": again["timings"]["stats_s"],
+                       "first_stats_s": first["timings"]["stats_s"]}
+                second.append(row)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
         result = {
             "benchmark": "compare_revisions",
             "old_revision": args.old,

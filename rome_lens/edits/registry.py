@@ -221,10 +221,21 @@ def apply_edit(model: Model, edit: Edit) -> None:
             _rewrite(model, reg, name)
     except BaseException:
         reg.applied.pop()
-        for name in names:
-            _rewrite(model, reg, name)
+        _restore(model, reg, names)
         raise
     logger.info("applied %s", edit)
+
+
+def _restore(model: Model, reg: _Registry, names: list[str]) -> None:
+    """Rewrite ``names`` from the edits still applied; forget weights no edit touches."""
+    for name in names:
+        if any(site.name == name for e in reg.applied for site in e.sites):
+            _rewrite(model, reg, name)
+        else:
+            _write(model, name, reg.originals.pop(name))
+            reg.written.pop(name, None)
+    if not reg.applied:
+        object.__delattr__(model, _REGISTRY_ATTR)
 
 
 def revert_edit(model: Model, edit: Edit) -> None:
@@ -235,12 +246,5 @@ def revert_edit(model: Model, edit: Edit) -> None:
         raise EditStateError(f"edit {edit.id} is not applied to this model")
     _check_untouched(model, reg)
     reg.applied.pop(ids.index(edit.id))
-    for name in dict.fromkeys(site.name for site in edit.sites):
-        if any(site.name == name for e in reg.applied for site in e.sites):
-            _rewrite(model, reg, name)
-        else:
-            _write(model, name, reg.originals.pop(name))
-            reg.written.pop(name, None)
-    if not reg.applied:
-        object.__delattr__(model, _REGISTRY_ATTR)
+    _restore(model, reg, list(dict.fromkeys(site.name for site in edit.sites)))
     logger.info("reverted %s", edit)
