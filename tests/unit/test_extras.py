@@ -18,6 +18,7 @@ def test_require_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MissingExtraError, match=r"pip install 'rome_lens\[ray\]'"):
         require("ray", "--workers 2")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # may be imported already
     with pytest.raises(MissingExtraError, match=r"plotting needs .*rome_lens\[plots\]"):
         require("matplotlib.pyplot", "plotting")
     assert require("json").dumps([1]) == "[1]"

@@ -21,7 +21,7 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTION_ALLOWLIST: set[str] = set()  # "path:function" of a function allowed to be long
 
 # Package-private helpers any folder may import underscore names from.
-SHARED_PRIVATE_MODULES = {"rome_lens._typing", "rome_lens._cache"}
+SHARED_PRIVATE_MODULES = {"rome_lens._typing", "rome_lens._cache", "rome_lens._extras"}
 
 
 def _module_name(path: Path) -> str:
