@@ -173,6 +173,24 @@ def _rewrite(model: Model, reg: _Registry, name: str) -> None:
     reg.written[name] = weight
 
 
+def _add_last(model: Model, reg: _Registry, edit: Edit, name: str) -> None:
+    """Add the change of ``edit`` (the last applied) to weight ``name``.
+
+    ``written + D_n`` performs the same additions in the same order as :func:`_rewrite`, so it
+    is bit-identical, without re-adding every earlier edit (long sequences stay linear).
+    """
+    if name not in reg.written:
+        _rewrite(model, reg, name)
+        return
+    previous = reg.written[name]
+    weight = previous.clone()
+    for site in edit.sites:
+        if site.name == name:
+            weight += site.delta().to(previous.device, previous.dtype)
+    _write(model, name, weight)
+    reg.written[name] = weight
+
+
 def check_compatible(model: Model, edit: Edit) -> None:
     """Raise unless every site of ``edit`` fits ``model`` and the base weights match.
 
@@ -218,7 +236,7 @@ def apply_edit(model: Model, edit: Edit) -> None:
     reg.applied.append(edit)
     try:
         for name in names:
-            _rewrite(model, reg, name)
+            _add_last(model, reg, edit, name)
     except BaseException:
         reg.applied.pop()
         _restore(model, reg, names)

@@ -84,8 +84,7 @@ class Params(Mapping[str, Any]):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mapping) and dict(self._values) == dict(other)
 
-    def __hash__(self) -> int:
-        return hash(tuple(sorted(self._values.items(), key=lambda kv: kv[0])))
+    __hash__ = None  # type: ignore[assignment]  # a mapping of possibly unhashable values
 
     def __repr__(self) -> str:
         return f"Params({self._values!r})"
