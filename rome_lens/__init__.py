@@ -33,7 +33,13 @@ from rome_lens.errors import (
     RomeLensError,
     SubjectNotFoundError,
 )
-from rome_lens.methods import available_methods, compute_edit, register_method
+from rome_lens.methods import (
+    AlphaEditHyperParams,
+    MemitHyperParams,
+    available_methods,
+    compute_edit,
+    register_method,
+)
 from rome_lens.models import DEFAULT_MODEL, load_model
 from rome_lens.predict import top_tokens
 from rome_lens.requests import EditRequest, subject_token_span
@@ -48,6 +54,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AlphaEditHyperParams",
+    "MemitHyperParams",
     "CorruptEditFileError",
     "DenseSite",
     "Edit",

@@ -190,5 +190,6 @@ def _digest(name: str, kind: str, tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256(f"{name}:{kind}".encode())
     for role, tensor in tensors.items():
         digest.update(f"{role}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # size-1 dims: any stride
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -205,6 +205,20 @@ class Edit:
         """The target value(s) the method recorded (ROME: v*)."""
         return self._tensor("v_star")
 
+    def keys_at(self, layer: int) -> Float[torch.Tensor, "n d_mlp"] | None:
+        """The keys this edit wrote associations for at ``layer`` (``None``: none recorded).
+
+        Many-edit methods record ``keys.L{layer}`` for each edited layer; ROME records its k*
+        at its one layer. AlphaEdit reads these to keep earlier edits in place.
+        """
+        name = f"keys.L{layer}"
+        if name in self.tensors:
+            return self.tensors[name]
+        if "k_star" in self.tensors and layer in self.layers and len(self.layers) == 1:
+            k = self.tensors["k_star"]
+            return k[None] if k.ndim == 1 else k
+        return None
+
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
             raise AttributeError(f"a {self.method} edit records no {name}")

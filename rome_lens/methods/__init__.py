@@ -13,7 +13,7 @@ Example:
     >>> edit
     Edit(ft-l: 2 requests; blocks.2.mlp.W_out dense...)
     >>> available_methods()
-    ['ft-l', 'rome']
+    ['alphaedit', 'ft-l', 'memit', 'rome']
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any
 from rome_lens._typing import Model
 from rome_lens.edits import Edit
 from rome_lens.errors import InvalidRequestError
+from rome_lens.methods.alphaedit import AlphaEditHyperParams, compute_alphaedit
 from rome_lens.methods.ft_l import FTLHyperParams, compute_ft_l
+from rome_lens.methods.memit import MemitHyperParams, compute_memit, default_memit_hparams
 from rome_lens.requests import EditRequest, check_requests
 from rome_lens.rome import compute_rome_edit
 
@@ -100,7 +102,9 @@ def compute_edit(
         requests: one :class:`~rome_lens.requests.EditRequest` or a list.
         method: a registered method name (:func:`available_methods`).
         **options: the method's options (ROME: ``layer``, ``hparams``, ``stats``, ``corpus``,
-            ``loop``, ``objective``, ``entropy_layers``; FT-L: ``layer``, ``hparams``).
+            ``loop``, ``objective``, ``entropy_layers``; FT-L: ``layer``, ``hparams``; MEMIT and
+            AlphaEdit: ``layers``, ``hparams``, ``corpus``, ``loop``, ``cache_targets``,
+            ``progress``, and MEMIT's ``stats``).
 
     Returns:
         An :class:`~rome_lens.edits.Edit`.
@@ -122,16 +126,23 @@ def compute_edit(
 _BUILTIN: tuple[tuple[str, EditFunction, str], ...] = (
     ("rome", compute_rome_edit, "ROME: one rank-one update per request (Meng et al. 2022)"),
     ("ft-l", compute_ft_l, "FT-L: L-infinity-bounded fine-tuning of one MLP output weight"),
+    ("memit", compute_memit, "MEMIT: many facts at once, spread over a range of layers"),
+    ("alphaedit", compute_alphaedit, "AlphaEdit: MEMIT projected onto the keys' null space"),
 )
 for _name, _fn, _description in _BUILTIN:
     register_method(_name, _fn, _description)
 
 __all__ = [
+    "AlphaEditHyperParams",
     "EditMethod",
     "FTLHyperParams",
+    "MemitHyperParams",
     "available_methods",
+    "compute_alphaedit",
     "compute_edit",
     "compute_ft_l",
+    "compute_memit",
+    "default_memit_hparams",
     "get_method",
     "register_method",
 ]

@@ -86,6 +86,7 @@ __all__ = [
     "run_blocks_from",
     "run_prefix",
     "run_with_keys_values",
+    "post_mlp",
     "run_with_states",
     "supports_frozen_prefix",
     "to_tokens",
@@ -164,6 +165,15 @@ def write_mlp_out(model: Model, layer: int, value: Float[torch.Tensor, "d_mlp d_
 def mlp_out_bias(model: Model, layer: int) -> torch.Tensor | None:
     """Bias of the MLP output projection (``None`` when the model has none)."""
     return adapter_for(model).mlp_out_bias(model, check_layer(model, layer))
+
+
+def post_mlp(model: Model, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The map from block ``layer``'s raw MLP output to its residual-stream contribution.
+
+    ``None`` when the raw output is added unchanged; Gemma 2/3 apply an RMSNorm (``ln2_post``)
+    first, so a wanted change of the residual stream is not the change of the raw output.
+    """
+    return adapter_for(model).post_mlp(model, check_layer(model, layer))
 
 
 def mlp_value(

@@ -9,6 +9,7 @@ many-edit methods) under any stack of applied edits.
 from rome_lens.statistics.contexts import ContextSpec, context_templates
 from rome_lens.statistics.corpus import Corpus, CorpusSize, StatisticsConfig, corpus_tokens
 from rome_lens.statistics.moments import second_moment
+from rome_lens.statistics.projection import null_space_basis, null_space_projector
 
 __all__ = [
     "ContextSpec",
@@ -17,5 +18,7 @@ __all__ = [
     "StatisticsConfig",
     "context_templates",
     "corpus_tokens",
+    "null_space_basis",
+    "null_space_projector",
     "second_moment",
 ]

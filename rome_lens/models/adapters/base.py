@@ -7,7 +7,7 @@ instance serves every model of its API and caching it per model keeps no model a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -94,6 +94,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def mlp_out_bias(self, model: Model, layer: int) -> torch.Tensor | None:
         """Bias of a (checked) layer's MLP output projection, if any."""
+
+    def post_mlp(self, model: Model, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The map from a (checked) layer's raw MLP output to what enters the residual stream.
+
+        ``None`` when the raw output is added as it is (GPT-2, GPT-J, Llama); Gemma 2/3 normalise
+        it first (``ln2_post``, an RMSNorm).
+        """
+        return None
 
     @abstractmethod
     def residual_before(

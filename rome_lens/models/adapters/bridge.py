@@ -101,6 +101,13 @@ class BridgeAdapter(ModelAdapter):
         bias = getattr(bridge.blocks[layer].mlp.out.original_component, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
+    def post_mlp(self, model: Model, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The Hugging Face layer's ``post_feedforward_layernorm`` (Gemma 2/3), else ``None``."""
+        bridge: Any = model
+        layer_module = getattr(bridge.blocks[layer], "original_component", None)
+        norm = getattr(layer_module, "post_feedforward_layernorm", None)
+        return norm if callable(norm) else None
+
     def residual_before(
         self,
         model: Model,

@@ -7,7 +7,7 @@ TransformerLens's key-value cache freezes prefixes.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -68,6 +68,13 @@ class HookedAdapter(ModelAdapter):
         """``blocks[layer].mlp.b_out`` when the model has one."""
         bias = getattr(model.blocks[layer].mlp, "b_out", None)
         return bias if isinstance(bias, torch.Tensor) else None
+
+    def post_mlp(self, model: Model, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``blocks[layer].ln2_post`` when the model normalises after the MLP, else ``None``."""
+        if not getattr(model.cfg, "use_normalization_before_and_after", False):
+            return None
+        norm = getattr(model.blocks[layer], "ln2_post", None)
+        return norm if callable(norm) else None
 
     def residual_before(
         self,

@@ -1,0 +1,239 @@
+"""MEMIT: mass-editing memory (Meng et al. 2023; REFERENCE.md §6), for one or thousands of facts.
+
+1. Each request gets a target hidden state z at the last layer of a range of MLP layers
+   (:mod:`rome_lens.methods.targets`: ROME's value optimisation, batched over requests).
+2. The residual ``z - h`` is spread over the range, lowest layer first, one least-squares solve
+   per layer (:mod:`rome_lens.methods.spread`):
+   ``Delta_l = (lambda C_l + K^T K)^-1 K^T R_l`` with ``C_l`` the base model's key second moment
+   (:func:`rome_lens.statistics.second_moment`) and ``lambda = mom2_update_weight``.
+
+The result is one :class:`~rome_lens.edits.Edit` with one site per layer (rank <= number of
+requests), exact to apply and revert like every edit. It records the keys it wrote at each
+layer (``edit.keys_at(l)``), the targets ``z`` and the optimised deltas.
+
+Requests that share a subject are refused: they share one key, so one least-squares solve
+cannot give them different values (edit them in separate batches, one after the other).
+
+Example:
+    >>> from rome_lens import compute_edit
+    >>> reqs = [EditRequest("{} lives in", "Alice Smith", "Paris"),
+    ...         EditRequest("{} works in", "Bob Jones", "Rome")]
+    >>> edit = compute_edit(model, reqs, method="memit", layers=[1, 2])
+    >>> edit
+    Edit(memit: 2 requests; blocks.1.mlp.W_out rank 2, blocks.2.mlp.W_out rank 2; id ...)
+    >>> with edit.applied(model):
+    ...     text = model.generate("Alice Smith lives in", max_new_tokens=2, verbose=False)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from rome_lens._typing import Model
+from rome_lens.edits import Edit, applied_ids, base_fingerprint
+from rome_lens.errors import InvalidRequestError, NonFiniteError
+from rome_lens.methods.spread import Solver, Spread, spread
+from rome_lens.methods.targets import RequestChunk, Targets, optimise_targets, request_chunks
+from rome_lens.models import access
+from rome_lens.requests import EditRequest, check_requests
+from rome_lens.rome import RomeHyperParams, default_hparams
+from rome_lens.rome.forwards import LOOPS, ValueLoop
+from rome_lens.statistics import Corpus, second_moment
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemitHyperParams(RomeHyperParams):
+    """MEMIT's hyperparameters: ROME's value optimisation plus the layer range and the solve.
+
+    Attributes:
+        layers: the edited blocks, ascending (``None``: the model's default range); the targets
+            z are set at the last one. ``layer`` (inherited) is ignored.
+        mom2_update_weight: lambda, the weight of the preserved keys' second moment (in units of
+            one edited key: C is a mean, ``K^T K`` a sum).
+        z_batch: requests optimised together in one batch of prompts.
+    """
+
+    layers: tuple[int, ...] | None = None
+    mom2_update_weight: float = 15000.0
+    z_batch: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers or list(self.layers) != sorted(set(self.layers)):
+                raise InvalidRequestError(f"layers must be ascending and distinct: {self.layers}")
+        if self.mom2_update_weight < 0 or self.z_batch < 1:
+            raise InvalidRequestError("mom2_update_weight must be >= 0 and z_batch >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemitHyperParams:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Exact TransformerLens names -> overrides. GPT-2 XL and GPT-J are the MEMIT paper's;
+# gemma-3-270m's were chosen from measurements (README, "Many edits").
+_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2-xl": {"layers": (13, 14, 15, 16, 17), "mom2_update_weight": 20000.0},
+    "gpt-j-6B": {"layers": (3, 4, 5, 6, 7, 8), "mom2_update_weight": 15000.0},
+    "gemma-3-270m": {"layers": (1, 2, 3, 4), "mom2_update_weight": 15000.0},
+}
+
+
+def default_memit_hparams(model: Model, cls: type[MemitHyperParams] = MemitHyperParams) -> Any:
+    """MEMIT's hyperparameters for ``model`` (others: four layers from ROME's default layer)."""
+    name = str(model.cfg.model_name).rsplit("/", 1)[-1]
+    overrides = dict(_MODEL_DEFAULTS.get(name, {}))
+    if "layers" not in overrides:
+        first, last = default_hparams(model).layer or 0, access.n_layers(model) - 1
+        overrides["layers"] = tuple(range(min(first, last), min(first + 4, last + 1)))
+    return cls(**overrides)
+
+
+def resolve_hparams(
+    model: Model, layers: Sequence[int] | None, hparams: Any, cls: type[MemitHyperParams]
+) -> Any:
+    """Hyperparameters with validated ``layers`` (argument > hparams > model default)."""
+    hp = hparams if hparams is not None else default_memit_hparams(model, cls)
+    if not isinstance(hp, cls):
+        raise InvalidRequestError(f"hparams must be {cls.__name__}, got {type(hp).__name__}")
+    chosen = layers if layers is not None else hp.layers
+    if chosen is None:
+        chosen = default_memit_hparams(model, cls).layers
+    checked = tuple(sorted({access.check_layer(model, int(x)) for x in chosen}))
+    if not checked:
+        raise InvalidRequestError("layers must name at least one block")
+    return replace(hp, layers=checked, layer=checked[-1])
+
+
+def check_subjects(requests: Sequence[EditRequest]) -> None:
+    """Refuse a batch in which two requests share a subject (they would share one key)."""
+    seen: dict[str, int] = {}
+    for i, request in enumerate(requests):
+        if request.subject in seen:
+            raise InvalidRequestError(
+                f"requests {seen[request.subject]} and {i} share the subject "
+                f"{request.subject!r}: a batch writes one value per subject key; edit them in "
+                "separate batches, one after the other"
+            )
+        seen[request.subject] = i
+
+
+def memit_solver(
+    mom2: dict[int, Float[torch.Tensor, "d_mlp d_mlp"]], weight: float
+) -> Solver:
+    """MEMIT's per-layer solve: ``left = (weight C + K^T K)^-1 K^T``, ``right = R`` (float64)."""
+
+    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor
+    ]:
+        c = mom2[layer].to("cpu", torch.float64)
+        k = keys.to("cpu", torch.float64)
+        left = torch.linalg.solve(weight * c + k.T @ k, k.T)
+        if not torch.isfinite(left).all():
+            raise NonFiniteError(f"the MEMIT solve at layer {layer} is not finite")
+        return left.float(), residuals.detach().to("cpu", torch.float32)
+
+    return solve
+
+
+def check_loop(loop: str) -> None:
+    """Refuse an unknown value-loop name."""
+    if loop not in LOOPS:
+        raise InvalidRequestError(f"loop must be prefix_cache, residual or naive, got {loop!r}")
+
+
+def run_many(
+    model: Model, chunks: list[RequestChunk], hp: Any, method: str, solver: Solver, *,
+    loop: ValueLoop, cache_targets: bool, progress: bool, info: dict[str, Any],
+) -> Edit:
+    """The shared pipeline of MEMIT-style methods: targets, then the spread with ``solver``."""
+    t0 = time.perf_counter()
+    requests = [r for chunk in chunks for r in chunk.requests]
+    targets = optimise_targets(model, chunks, hp, hp.layers[-1], loop, cache_targets, progress)
+    t1 = time.perf_counter()
+    result = spread(model, chunks, hp.layers, targets.z, solver, progress)
+    t2 = time.perf_counter()
+    info |= {"timings": {"targets_s": t1 - t0, "spread_s": t2 - t1},
+             "final_losses": targets.final_losses, "cached_targets": targets.cached,
+             "residual_norms": result.residual_norms, "fit_errors": result.fit_errors,
+             "loop": loop, "api": access.api_name(model),
+             "weight_space": access.weight_space(model)}
+    logger.info("%s: %d requests, %d layers in %.1f s", method, len(requests), len(hp.layers),
+                t2 - t0)
+    return _edit(model, requests, hp, method, result, targets, info)
+
+
+def _edit(
+    model: Model, requests: list[EditRequest], hp: Any, method: str, result: Spread,
+    targets: Targets, info: dict[str, Any],
+) -> Edit:
+    tensors = {f"keys.L{layer}": k.float().contiguous() for layer, k in result.keys.items()}
+    tensors |= {"z": targets.z.detach().cpu().float(), "delta": targets.delta.float()}
+    return Edit(
+        sites=tuple(result.sites), requests=tuple(requests), method=method,
+        hparams=hp.to_dict(), base_fingerprint=base_fingerprint(model),
+        parents=applied_ids(model), model_name=access.model_label(model), info=info,
+        tensors=tensors,
+    )
+
+
+def compute_memit(
+    model: Model,
+    requests: EditRequest | Sequence[EditRequest],
+    layers: Sequence[int] | None = None,
+    hparams: MemitHyperParams | None = None,
+    *,
+    stats: dict[int, torch.Tensor] | None = None,
+    corpus: Corpus = None,
+    loop: ValueLoop = "prefix_cache",
+    cache_targets: bool = False,
+    progress: bool = True,
+) -> Edit:
+    """MEMIT for a batch of requests (the ``"memit"`` method of :func:`rome_lens.compute_edit`).
+
+    The model is not modified. Edits already applied to it are the earlier part of a sequence:
+    the new edit is computed on the edited model (``edit.parents``).
+
+    Args:
+        model: a TransformerLens model (either API).
+        requests: one request or many (no two with the same subject).
+        layers: the edited blocks (default: ``hparams.layers`` or the model's default range).
+        hparams: :class:`MemitHyperParams` (default :func:`default_memit_hparams`).
+        stats: precomputed key second moments ``{layer: C}`` (default: the base model's).
+        corpus: statistics corpus when ``stats`` lacks a layer (``None``: model samples).
+        loop: forward strategy of the target optimisation (see :func:`rome_lens.compute_rome`).
+        cache_targets: reuse and store each request's optimised delta on disk (per base model,
+            applied edits, request, hyperparameters and layer).
+        progress: show progress bars.
+
+    Returns:
+        An :class:`~rome_lens.edits.Edit` with one site per layer.
+
+    Raises:
+        InvalidRequestError: no requests, conflicting requests, a shared subject, bad layers.
+        SubjectNotFoundError: a subject missing from its prompt.
+        NonFiniteError: NaN/inf in statistics, keys, targets or a solve.
+    """
+    requests = check_requests(requests)
+    check_subjects(requests)
+    check_loop(loop)
+    hp = resolve_hparams(model, layers, hparams, MemitHyperParams)
+    chunks = request_chunks(model, requests, hp)  # checks every request before any work
+    mom2 = {layer: (stats or {}).get(layer) for layer in hp.layers}
+    mom2 = {layer: c if c is not None else second_moment(model, layer, corpus, hp)
+            for layer, c in mom2.items()}
+    solver = memit_solver(mom2, hp.mom2_update_weight)
+    return run_many(model, chunks, hp, "memit", solver, loop=loop,
+                    cache_targets=cache_targets, progress=progress, info={})

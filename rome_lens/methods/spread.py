@@ -1,0 +1,169 @@
+"""Spreading the residual over a range of layers (MEMIT's second step), one solve per layer.
+
+For each layer l of the range, lowest first, with the updates of the layers below already
+applied: the requests' keys ``K`` at l and the residual ``h`` leaving the last layer are
+measured (averaged over each request's prompts), the remaining gap ``z - h`` is divided by the
+number of layers left, and the layer's output weight gets the least-squares update that adds
+that share at the keys (a *solver*: MEMIT's or AlphaEdit's).
+
+Where the model normalises the MLP output before adding it to the residual stream (Gemma 2/3's
+``ln2_post``), the wanted change of the residual is mapped back to a change of the RAW output at
+each key (:func:`raw_change`), because that is what the weight produces.
+
+Example:
+    >>> wanted = torch.randn(2, model.cfg.d_model)           # 2 requests
+    >>> values = torch.randn(6, model.cfg.d_model)           # 3 prompts each
+    >>> dm = raw_change(model, 1, values, wanted, torch.tensor([0, 0, 0, 1, 1, 1]))
+    >>> dm.shape                                   # = wanted without a post-MLP norm
+    torch.Size([2, 32])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from rome_lens._typing import Model
+from rome_lens.edits import DenseSite, Edit, LowRankSite, Site, base_fingerprint
+from rome_lens.errors import NonFiniteError
+from rome_lens.methods.targets import RequestChunk, request_means, subject_rows
+from rome_lens.models import access
+
+logger = logging.getLogger(__name__)
+
+PENALTY = 1e-2  # weight of ||dm||^2 / mean ||value||^2 in :func:`raw_change`
+
+#: ``solver(layer, keys [n, d_mlp], R [n, d_model]) -> (left [d_mlp, r], right [r, d_out])``
+Solver = Callable[
+    [int, Float[torch.Tensor, "n d_mlp"], Float[torch.Tensor, "n d_model"]],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+@dataclass
+class Spread:
+    """The sites of a many-edit update and what was measured on the way."""
+
+    sites: list[Site] = field(default_factory=list)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    residual_norms: list[float] = field(default_factory=list)
+    fit_errors: list[float] = field(default_factory=list)
+
+
+def raw_change(
+    model: Model, layer: int, values: Float[torch.Tensor, "rows d_model"],
+    wanted: Float[torch.Tensor, "n d_model"], row_request: Int[torch.Tensor, " rows"],
+    steps: int = 100, penalty: float = PENALTY,
+) -> Float[torch.Tensor, "n d_model"]:
+    """The change of each request's raw MLP output that adds ``wanted`` to its mean residual.
+
+    ``values`` are the raw MLP outputs of every prompt (row) of the requests at the last
+    subject token. Without a post-MLP map the change is ``wanted``. With one (an RMSNorm ``f``),
+    each request's change ``dm`` is fitted by least squares (L-BFGS from zero) so that the mean
+    over its rows of ``f(value + dm) - f(value)`` is ``wanted``, with a small penalty
+    ``penalty * ||dm||^2 / mean ||value||^2``: an RMSNorm is scale-invariant, and a huge ``dm``
+    would otherwise fit the mean by making every row the same.
+    """
+    post = access.post_mlp(model, layer)
+    if post is None:
+        return wanted.float()
+    values, index = values.detach().float(), row_request.to(values.device)
+    n, scale = wanted.shape[0], float((values**2).sum(-1).mean())
+    with torch.enable_grad():
+        start = request_means(post(values).detach(), index, n)
+        target = (start + wanted.to(values.device)).detach()
+        dm = torch.zeros_like(target, requires_grad=True)
+        opt = torch.optim.LBFGS([dm], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-12, tolerance_change=1e-14)
+
+        def closure() -> torch.Tensor:
+            reached = request_means(post(values + dm[index]), index, n)
+            loss = ((reached - target) ** 2).sum() + penalty * (dm**2).sum() / scale
+            (dm.grad,) = torch.autograd.grad(loss, [dm])
+            return loss.detach()
+
+        opt.step(closure)
+    return dm.detach()
+
+
+def make_site(
+    layer: int, left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype
+) -> Site:
+    """A low-rank site, or a dense one where the factors would be larger than the matrix."""
+    d_in, rank, d_out = left.shape[0], left.shape[1], right.shape[1]
+    if rank * (d_in + d_out) >= d_in * d_out:
+        return DenseSite(layer, (left.double() @ right.double()).to(dtype))
+    fresh = torch.contiguous_format
+    return LowRankSite(layer, left.to(dtype).clone(memory_format=fresh),
+                       right.to(dtype).clone(memory_format=fresh))
+
+
+def _partial(model: Model, sites: list[Site]) -> Edit:
+    return Edit(sites=tuple(sites), requests=(), method="partial",
+                hparams={}, base_fingerprint=base_fingerprint(model))
+
+
+def _measure(
+    model: Model, chunks: Sequence[RequestChunk], layer: int, z_layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys at ``layer`` (per row and per request) and the mean residual leaving ``z_layer``.
+
+    Returns:
+        ``(key rows, row -> request index, mean keys, mean residuals)`` over all chunks.
+    """
+    key_hook, out_hook = access.key_hook_name(layer), access.resid_post_hook_name(z_layer)
+    rows, index, keys, outs, offset = [], [], [], [], 0
+    for chunk in chunks:
+        picked = subject_rows(model, chunk, [key_hook, out_hook], z_layer + 1)
+        n = len(chunk.requests)
+        rows.append(picked[key_hook])
+        index.append(chunk.row_request + offset)
+        keys.append(request_means(picked[key_hook], chunk.row_request, n))
+        outs.append(request_means(picked[out_hook], chunk.row_request, n))
+        offset += n
+    return torch.cat(rows), torch.cat(index), torch.cat(keys), torch.cat(outs)
+
+
+def spread(
+    model: Model,
+    chunks: Sequence[RequestChunk],
+    layers: Sequence[int],
+    z: Float[torch.Tensor, "n d_model"],
+    solver: Solver,
+    progress: bool = True,
+) -> Spread:
+    """Update each layer of ``layers`` (ascending) towards the targets ``z`` of the last one.
+
+    The model is not modified: the lower layers' updates are applied only while the keys and
+    residuals of the next layer are measured (exactly reverted by the edit registry).
+
+    Raises:
+        NonFiniteError: a key, residual or update is NaN or infinite.
+    """
+    out = Spread()
+    z_layer, dtype = layers[-1], access.mlp_out_weight(model, layers[0]).dtype
+    for i, layer in enumerate(tqdm(layers, desc="layer updates", disable=not progress)):
+        below = _partial(model, out.sites).applied(model) if out.sites else nullcontext()
+        with below:
+            key_rows, index, keys, now = _measure(model, chunks, layer, z_layer)
+        wanted = (z.to(now.device) - now) / (len(layers) - i)
+        with torch.no_grad():
+            values = access.mlp_value(model, layer, key_rows.to(model.cfg.device))
+        change = raw_change(model, layer, values, wanted.to(values.device), index)
+        if not (torch.isfinite(keys).all() and torch.isfinite(change).all()):
+            raise NonFiniteError(f"keys or residuals at layer {layer} are not finite")
+        left, right = solver(layer, keys, change)
+        out.sites.append(make_site(layer, left, right, dtype))
+        out.keys[layer] = keys.detach().cpu()
+        out.residual_norms.append(float(wanted.norm(dim=-1).mean()))
+        fit = keys.to(left.device, left.dtype) @ left @ right - change.to(left.device, left.dtype)
+        out.fit_errors.append(float(fit.norm() / change.norm().clamp_min(1e-12)))
+        logger.info("layer %d: mean residual share %.3f, relative fit error %.3f", layer,
+                    out.residual_norms[-1], out.fit_errors[-1])
+    return out

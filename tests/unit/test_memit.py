@@ -1,0 +1,249 @@
+"""MEMIT and AlphaEdit on tiny models: closed forms, normal equations, null space, sequences."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from _support import STATS_CORPUS, one_thread
+from tiny import tiny_model
+
+import rome_lens
+from rome_lens import AlphaEditHyperParams, EditRequest, MemitHyperParams, compute_edit
+from rome_lens.errors import InvalidRequestError, LayerOutOfRangeError
+from rome_lens.models import access
+from rome_lens.statistics import StatisticsConfig, null_space_basis, second_moment
+
+KINDS = ["gpt2", "gemma"]
+REQS = [
+    EditRequest("{} lives in", "Alice Smith", "Paris", "Rome"),
+    EditRequest("{} works in", "Bob Jones", "Rome", "Oslo"),
+    EditRequest("{} plays", "Carol King", "chess", "golf"),
+    EditRequest("{} likes", "Dave Brown", "tea", "milk"),
+    EditRequest("{} speaks", "Eve Adams", "Dutch", "Greek"),
+]
+SMALL = dict(
+    v_num_grad_steps=8, n_contexts_short=2, context_len_short=3, n_contexts_long=1,
+    context_len_long=5, stats_sequences=36, stats_seq_len=32, z_batch=2,
+)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROME_LENS_CACHE", str(tmp_path_factory.getbasetemp() / "memit_cache"))
+
+
+def _memit(weight: float = 1.0, layers: tuple[int, ...] = (1, 2)) -> MemitHyperParams:
+    return MemitHyperParams(layers=layers, mom2_update_weight=weight, **SMALL)
+
+
+def _alpha(layers: tuple[int, ...] = (1, 2)) -> AlphaEditHyperParams:
+    return AlphaEditHyperParams(layers=layers, nullspace_threshold=0.05, alpha=1e-3, **SMALL)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _stats(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    return second_moment(model, layer, STATS_CORPUS, StatisticsConfig(36, 32))
+
+
+def test_one_request_one_layer_is_the_rome_closed_form() -> None:
+    """MEMIT with one request at one layer is ROME's update scaled by k C^-1 k / (lam + k C^-1 k).
+
+    The same value optimisation runs at the same layer, so v* - v(k*) is the same; with C's
+    ridge off in ROME, the two closed forms differ only by the Sherman-Morrison factor.
+    """
+    model = tiny_model("gpt2")
+    with one_thread():
+        c = _stats(model, 1)
+        rome_hp = rome_lens.RomeHyperParams(
+            layer=1, mom2_ridge=0.0, **{k: v for k, v in SMALL.items() if k != "z_batch"}
+        )
+        rome = rome_lens.compute_rome(model, REQS[0], hparams=rome_hp, stats=c)
+        for weight in (1e-6, 3.0):
+            memit = compute_edit(model, REQS[0], method="memit", hparams=_memit(weight, (1,)),
+                                 stats={1: c}, progress=False)
+            k = memit.keys_at(1)[0].double()
+            kck = float(k @ torch.linalg.solve(c.double(), k))
+            scale = kck / (weight + kck)
+            expected = rome.delta().double() * scale
+            got = memit.sites[0].delta().double()
+            assert torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * expected.abs().max())
+    assert scale < 0.99  # the second weight really changed the update
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memit_update_satisfies_its_normal_equations(kind: str) -> None:
+    model = tiny_model(kind)
+    weight = 2.0
+    with one_thread():
+        edit = compute_edit(model, REQS[:3], method="memit", hparams=_memit(weight),
+                            corpus=STATS_CORPUS, progress=False)
+        for site in edit.sites:
+            c = _stats(model, site.layer).double()
+            k = edit.keys_at(site.layer).double()
+            delta, r = site.delta().double(), site.right.double()
+            gradient = k.T @ (k @ delta - r) + weight * c @ delta
+            assert gradient.norm() < 1e-4 * (k.T @ r).norm()
+            assert site.rank == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memit_reaches_its_targets_when_preservation_is_light(kind: str) -> None:
+    """With a tiny lambda the edited model's residual at the last layer is the target z."""
+    model = tiny_model(kind)
+    with one_thread():
+        edit = compute_edit(model, REQS[:2], method="memit", hparams=_memit(1e-4),
+                            corpus=STATS_CORPUS, progress=False)
+        from rome_lens.methods.targets import request_chunks, subject_means
+
+        chunk = request_chunks(model, REQS[:2], edit.hparams)[0]
+        hook = access.resid_post_hook_name(2)
+        before = subject_means(model, chunk, [hook], 3)[hook]
+        with edit.applied(model):
+            after = subject_means(model, chunk, [hook], 3)[hook]
+    z = edit.tensors["z"]
+    assert (z - before).norm() > 0.1
+    assert (after - z).norm() < 0.05 * (z - before).norm()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_alphaedit_leaves_preserved_keys_unchanged(kind: str) -> None:
+    model = tiny_model(kind)
+    hp = _alpha()
+    with one_thread():
+        edit = compute_edit(model, REQS[:2], method="alphaedit", hparams=hp,
+                            corpus=STATS_CORPUS, progress=False)
+        for site in edit.sites:
+            values, vectors = torch.linalg.eigh(_stats(model, site.layer).double())
+            kept = vectors[:, values >= hp.nullspace_threshold * values.max()]
+            null, _ = null_space_basis(_stats(model, site.layer), hp.nullspace_threshold)
+            assert 0 < null.shape[1] < vectors.shape[0]
+            delta = site.delta().double()
+            keys = kept @ torch.randn(kept.shape[1], 8, dtype=torch.float64)
+            ratio = (keys.T @ delta).norm() / (keys.norm() * delta.norm())
+            assert ratio < 1e-5
+            written = edit.keys_at(site.layer).double()  # the edited keys DO change
+            assert (written @ delta).norm() > 1e-3 * written.norm() * delta.norm()
+
+
+def test_alphaedit_keeps_earlier_edits_in_place() -> None:
+    """The second batch's update barely moves the first batch's keys; MEMIT's moves them."""
+    model = tiny_model("gpt2")
+    with one_thread():
+        first = compute_edit(model, REQS[:2], method="alphaedit", hparams=_alpha(),
+                             corpus=STATS_CORPUS, progress=False).apply(model)
+        second = compute_edit(model, REQS[2:4], method="alphaedit", hparams=_alpha(),
+                              corpus=STATS_CORPUS, progress=False)
+        assert second.parents == (first.id,)
+        assert second.info["earlier_edits"] == 1
+        memit = compute_edit(model, REQS[2:4], method="memit", hparams=_memit(1e-3),
+                             corpus=STATS_CORPUS, progress=False)
+        first.revert(model)
+
+    def moved(edit: rome_lens.Edit) -> float:
+        return float(sum((first.keys_at(s.layer) @ s.delta()).norm() / s.delta().norm()
+                         for s in edit.sites))
+
+    assert moved(second) < 0.1 * moved(memit)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_a_sequence_of_five_batches_reverts_bit_exactly_in_any_order(method: str) -> None:
+    model = tiny_model("gemma")
+    before = _weights(model)
+    hp = _memit(1.0) if method == "memit" else _alpha()
+    edits = []
+    with one_thread():
+        for request in REQS:
+            edits.append(compute_edit(model, request, method=method, hparams=hp,
+                                      corpus=STATS_CORPUS, progress=False).apply(model))
+    assert [e.parents for e in edits] == [tuple(x.id for x in edits[:i]) for i in range(5)]
+    applied = _weights(model)
+    for order in itertools.islice(itertools.permutations(range(5)), 0, 120, 23):
+        for i in order:
+            edits[i].revert(model)
+        assert _same(model, before)
+        for e in edits:
+            e.apply(model)
+        assert _same(model, applied)
+    rome_lens.edits.revert_all(model)
+    assert _same(model, before)
+
+
+def test_memit_edit_files_round_trip(tmp_path: Path) -> None:
+    model = tiny_model("gpt2")
+    with one_thread():
+        edit = compute_edit(model, REQS[:3], method="memit", hparams=_memit(),
+                            corpus=STATS_CORPUS, progress=False)
+    same = rome_lens.load_edit(edit.save(tmp_path / "batch"), model=model)
+    assert same.id == edit.id and same.method == "memit" and same.layers == (1, 2)
+    assert torch.equal(same.keys_at(2), edit.keys_at(2))
+    assert same.hparams.layers == [1, 2] or tuple(same.hparams.layers) == (1, 2)
+    assert [r.subject for r in same.requests] == [r.subject for r in REQS[:3]]
+
+
+def test_targets_are_cached_and_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model("gpt2")
+    with one_thread():
+        first = compute_edit(model, REQS[:2], method="memit", hparams=_memit(),
+                             corpus=STATS_CORPUS, cache_targets=True, progress=False)
+        from rome_lens.methods import targets
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise AssertionError("the value optimisation ran again")
+
+        monkeypatch.setattr(targets, "_optimise_chunk", refuse)
+        again = compute_edit(model, REQS[:2], method="alphaedit", hparams=_alpha(),
+                             corpus=STATS_CORPUS, cache_targets=True, progress=False)
+    assert again.info["cached_targets"] == 2
+    assert torch.equal(first.tensors["delta"], again.tensors["delta"])
+
+
+@pytest.mark.parametrize(
+    ("requests", "options", "error", "words"),
+    [
+        ([REQS[0], replace(REQS[1], subject="Alice Smith")], {},
+         InvalidRequestError, "share the subject"),
+        ([REQS[0], replace(REQS[0], target_new="Oslo")], {}, InvalidRequestError, "conflicting"),
+        ([REQS[0]], {"layers": [1, 9]}, LayerOutOfRangeError, "9"),
+        ([REQS[0]], {"loop": "fast"}, InvalidRequestError, "loop"),
+        ([REQS[0]], {"hparams": rome_lens.RomeHyperParams()}, InvalidRequestError, "Memit"),
+        ([REQS[0]], {"bogus": 1}, InvalidRequestError, "bogus"),
+    ],
+)
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_bad_batches_are_refused_and_leave_the_model_alone(
+    method: str, requests: list[EditRequest], options: dict[str, object], error: type,
+    words: str,
+) -> None:
+    model = tiny_model("gpt2")
+    before = _weights(model)
+    if "hparams" in options and method == "alphaedit":
+        words = "AlphaEdit"
+    with pytest.raises(error, match=words):
+        compute_edit(model, requests, method=method, corpus=STATS_CORPUS, **options)
+    assert _same(model, before) and not rome_lens.edits.applied_edits(model)
+
+
+def test_one_fact_of_a_batch_can_be_probed() -> None:
+    model = tiny_model("gpt2")
+    with one_thread():
+        edit = compute_edit(model, REQS[:3], method="memit", hparams=_memit(),
+                            corpus=STATS_CORPUS, progress=False)
+        first = [int(model.to_tokens(t, prepend_bos=False)[0, 0]) for t in ("O", "R")]
+        report = rome_lens.audit.probe_edit(
+            model, edit, request=REQS[1], n_contexts=1, lenses=("logit",), control_samples=1,
+            object_tokens=(first[0], first[1]),  # character tokens: both targets start with " "
+        )
+    assert report.layer == 1 and report.request == REQS[1]
+    assert report.structural["identical"]
