@@ -231,9 +231,9 @@ def compute_memit(
     check_loop(loop)
     hp = resolve_hparams(model, layers, hparams, MemitHyperParams)
     chunks = request_chunks(model, requests, hp)  # checks every request before any work
-    mom2 = {layer: (stats or {}).get(layer) for layer in hp.layers}
-    mom2 = {layer: c if c is not None else second_moment(model, layer, corpus, hp)
-            for layer, c in mom2.items()}
+    given = stats or {}
+    mom2 = {layer: given[layer] if layer in given else second_moment(model, layer, corpus, hp)
+            for layer in hp.layers}
     solver = memit_solver(mom2, hp.mom2_update_weight)
     return run_many(model, chunks, hp, "memit", solver, loop=loop,
                     cache_targets=cache_targets, progress=progress, info={})
