@@ -11,7 +11,15 @@ Example (``load_model()`` is skipped in the doctests, which run on a tiny random
     3
 """
 
-from rome_lens.audit import ProbeReport, TunedLens, VerdictRule, probe_edit, tuned_lens
+from rome_lens.audit import (
+    EditHealth,
+    HealthMonitor,
+    ProbeReport,
+    TunedLens,
+    VerdictRule,
+    probe_edit,
+    tuned_lens,
+)
 from rome_lens.edits import (
     DenseSite,
     Edit,
@@ -44,6 +52,7 @@ from rome_lens.models import DEFAULT_MODEL, load_model
 from rome_lens.predict import top_tokens
 from rome_lens.requests import EditRequest, subject_token_span
 from rome_lens.rome import RomeHyperParams, compute_rome, default_hparams
+from rome_lens.sequence import EditSequence
 from rome_lens.statistics import second_moment
 from rome_lens.tracing import activation_patch, causal_trace, trace_dataset
 
@@ -59,12 +68,15 @@ __all__ = [
     "CorruptEditFileError",
     "DenseSite",
     "Edit",
+    "EditHealth",
     "EditRequest",
+    "EditSequence",
     "EditStateError",
     "ProbeReport",
     "TunedLens",
     "VerdictRule",
     "FingerprintMismatchError",
+    "HealthMonitor",
     "InvalidRequestError",
     "LowRankSite",
     "LayerOutOfRangeError",

@@ -1,5 +1,20 @@
-"""Audit: does the original fact survive an edit? Lenses, probes, attacks, verdicts."""
+"""Audit: does the original fact survive an edit? Lenses, probes, attacks, verdicts.
 
+And the health of a model under a sequence of edits (norms, fluency, disabling edits).
+"""
+
+from rome_lens.audit.health import (
+    DEFAULT_PROMPTS,
+    EditHealth,
+    Fluency,
+    HealthMonitor,
+    SiteHealth,
+    generation_entropy,
+    held_out_text,
+    held_out_tokens,
+    perplexity,
+    site_health,
+)
 from rome_lens.audit.lens import (
     TunedLens,
     TunedLensConfig,
@@ -18,6 +33,16 @@ from rome_lens.audit.probe import (
 )
 
 __all__ = [
+    "DEFAULT_PROMPTS",
+    "EditHealth",
+    "Fluency",
+    "HealthMonitor",
+    "SiteHealth",
+    "generation_entropy",
+    "held_out_text",
+    "held_out_tokens",
+    "perplexity",
+    "site_health",
     "ERASURE",
     "INSERTION",
     "PARTIAL",
