@@ -247,3 +247,17 @@ def test_one_fact_of_a_batch_can_be_probed() -> None:
         )
     assert report.layer == 1 and report.request == REQS[1]
     assert report.structural["identical"]
+
+
+def test_an_alphaedit_sequence_session_reverts_exactly() -> None:
+    model = tiny_model("gpt2")
+    before = _weights(model)
+    with one_thread():
+        seq = rome_lens.EditSequence(model, method="alphaedit", hparams=_alpha(),
+                                     corpus=STATS_CORPUS, progress=False, monitor=False)
+        for batch in (REQS[:2], REQS[2:4], REQS[4:]):
+            seq.add(batch)
+    assert [len(e.parents) for e in seq.edits] == [0, 1, 2]
+    assert seq.edits[2].info["earlier_edits"] == 2
+    seq.revert()
+    assert _same(model, before)
