@@ -167,6 +167,7 @@ def run_many(
     t2 = time.perf_counter()
     info |= {"timings": {"targets_s": t1 - t0, "spread_s": t2 - t1},
              "final_losses": targets.final_losses, "cached_targets": targets.cached,
+             "target_seconds": targets.seconds,
              "residual_norms": result.residual_norms, "fit_errors": result.fit_errors,
              "loop": loop, "api": access.api_name(model),
              "weight_space": access.weight_space(model)}

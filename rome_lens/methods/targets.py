@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,7 @@ class Targets:
     delta: Float[torch.Tensor, "n d_model"]
     final_losses: list[float]
     cached: int
+    seconds: float = 0.0  # optimisation time of all deltas (as first measured, if cached)
 
 
 def request_chunks(
@@ -200,7 +202,7 @@ def optimise_targets(
     from safetensors.torch import load_file, save_file
 
     loop = effective_loop(model, loop)
-    zs, deltas, finals, n_cached = [], [], [], 0
+    zs, deltas, finals, n_cached, seconds = [], [], [], 0, 0.0
     for chunk in tqdm(chunks, desc=f"targets z (layer {z_layer})", disable=not progress):
         keys = [_cache_key(model, r, hparams, z_layer, loop) for r in chunk.requests]
         paths = [cache_dir("targets") / f"{k}.safetensors" for k in keys]
@@ -208,14 +210,19 @@ def optimise_targets(
             loaded = [load_file(str(p)) for p in paths]
             delta = torch.stack([d["delta"] for d in loaded]).to(model.cfg.device)
             final = [float(d["loss"]) for d in loaded]
+            seconds += sum(float(d["seconds"]) for d in loaded if "seconds" in d)
             n_cached += len(paths)
         else:
+            t0 = time.perf_counter()
             delta, final = _optimise_chunk(model, chunk, hparams, z_layer, loop)
+            share = (time.perf_counter() - t0) / len(chunk.requests)
+            seconds += share * len(chunk.requests)
             for path, row, loss in zip(paths, delta, final, strict=True) if cache else ():
+                entry = {"delta": row.cpu().contiguous(), "loss": torch.tensor(loss),
+                         "seconds": torch.tensor(share)}
                 with atomic_path(path) as tmp:
-                    save_file({"delta": row.cpu().contiguous(), "loss": torch.tensor(loss)},
-                              str(tmp))
+                    save_file(entry, str(tmp))
         zs.append(target_states(model, chunk, z_layer, delta))
         deltas.append(delta.cpu())
         finals.extend(final)
-    return Targets(torch.cat(zs), torch.cat(deltas), finals, n_cached)
+    return Targets(torch.cat(zs), torch.cat(deltas), finals, n_cached, seconds)
