@@ -1,0 +1,121 @@
+"""Shared parts of the many-edit benchmarks (batch_editing.py, sequential_editing.py).
+
+Fact selection (cached), resumable JSONL rows, a minute budget, scoring of many records, and
+the summary of a list of scores. Not a library module: benchmarks only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import rome_lens
+from rome_lens import evaluation as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT.parent / "shared" / "data" / "counterfact-train.json"
+logger = logging.getLogger("benchmarks")
+
+
+class Budget:
+    """A wall-clock budget in minutes (``None``: unlimited)."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def spent(self) -> bool:
+        """Whether the budget is used up (checked before each unit of work)."""
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def known_facts(model: Any, n: int, data: Path, cache: Path) -> list[ev.CounterFactRecord]:
+    """The first ``n`` records the unedited model knows, one per subject (selection cached)."""
+    records = ev.load_counterfact(data)
+    by_id = {r.case_id: r for r in records}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved["data"] == data.name and len(saved["case_ids"]) >= n:
+            return [by_id[c] for c in saved["case_ids"][:n]]
+    chosen, subjects = [], set()
+    for rec in records:
+        if rec.request.subject in subjects:
+            continue
+        if ev.known_records(model, [rec], 1):
+            chosen.append(rec)
+            subjects.add(rec.request.subject)
+        if len(chosen) >= n:
+            break
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"data": data.name, "case_ids": [r.case_id for r in chosen],
+                                 "rule": "p(true) > p(new) on the edit prompt; one per subject"}))
+    return chosen
+
+
+def score_all(
+    model: Any, records: list[ev.CounterFactRecord], generation_records: int = 0,
+    gen_tokens: int = 50,
+) -> list[dict[str, Any]]:
+    """ES/PS/NS of every record (batched); fluency for the first ``generation_records``."""
+    scorer = getattr(ev, "score_records", None)
+    if scorer is not None:
+        scores = scorer(model, records, progress=False)
+    else:  # pragma: no cover - older library
+        scores = [ev.score_record(model, r) for r in records]
+    for i, rec in enumerate(records[:generation_records]):
+        prompts = rec.generation_prompts or [rec.request.text, *rec.paraphrase_prompts]
+        gen = ev.generation_metrics(model, prompts[:2], rec.target_new, rec.target_true,
+                                    n_tokens=gen_tokens)
+        scores[i].fluency = gen["fluency"]
+        scores[i].mentions_new = gen["mentions_new"]
+        scores[i].mentions_true = gen["mentions_true"]
+    return [asdict(s) for s in scores]
+
+
+def summary(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """ES/PS/NS/S/GE over score dicts."""
+    return ev.summarize([ev.RecordScores(**r) for r in rows])
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSONL rows written so far."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON row and flush (a killed run loses at most the row in progress)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as sink:
+        sink.write(json.dumps(row) + "\n")
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process so far (GiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def hparams_from(cls: type, model: Any, settings: list[str]) -> Any:
+    """A method's default hyperparameters with ``key=value`` overrides (JSON values)."""
+    from dataclasses import replace
+
+    from rome_lens.methods import default_memit_hparams
+
+    base = default_memit_hparams(model, cls)
+    changes = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        changes[key] = json.loads(value)
+    return replace(base, **changes)
+
+
+def load_model() -> Any:
+    """The embedded model, quietly."""
+    logging.basicConfig(level=logging.WARNING)
+    return rome_lens.load_model()
