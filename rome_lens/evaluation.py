@@ -11,6 +11,10 @@ target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_trut
 original nested CounterFact layout (requested_rewrite, paraphrase_prompts,
 neighborhood_prompts); :func:`load_counterfact` reads both.
 
+:func:`score_records` scores many records at once: every (prompt, target) pair of every record
+goes through right-padded batches, one forward pass per ``batch_size`` pairs rather than one
+per pair (~26 per record). :func:`score_record` is the same for one record.
+
 Example (one record written out; ``load_counterfact`` reads a file of them):
     >>> records = load_counterfact("counterfact-dev.json")[:10]  # doctest: +SKIP
     >>> records = [parse_record({
@@ -18,6 +22,7 @@ Example (one record written out; ``load_counterfact`` reads a file of them):
     ...     "ground_truth": "Rome", "rephrase_prompt": "Where does Alice Smith live? In",
     ...     "locality_prompt": "Bob Jones lives in", "locality_ground_truth": "Rome"})]
     >>> before, after = evaluate_rome(model, records)   # RecordScores lists: unedited, edited
+    >>> scores = score_records(model, records, progress=False)  # the model as it is now
     >>> summarize(after)
     {'n': 1.0, 'ES': ..., 'PS': ..., 'NS': ..., 'S': ..., 'EM': ..., ...}
 """
@@ -32,6 +37,7 @@ import re
 import statistics
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,7 @@ from tqdm.auto import tqdm
 
 from rome_lens._typing import Model
 from rome_lens.errors import RomeLensError
-from rome_lens.predict import target_logprob
+from rome_lens.predict import target_logprob, target_logprobs
 from rome_lens.requests import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -131,8 +137,11 @@ def prefers_new(model: Model, prompt: str, new: str, true: str) -> tuple[bool, f
     Returns:
         ``(new wins, p_new - p_true)`` with p = exp(mean token log-prob).
     """
-    lp_new = target_logprob(model, prompt, new)
-    lp_true = target_logprob(model, prompt, true)
+    return _compare(target_logprob(model, prompt, new), target_logprob(model, prompt, true))
+
+
+def _compare(lp_new: float, lp_true: float) -> tuple[bool, float]:
+    """``(new wins, p_new - p_true)`` from the two mean log-probabilities."""
     return lp_new > lp_true, math.exp(lp_new) - math.exp(lp_true)
 
 
@@ -162,6 +171,9 @@ def score_record(
 ) -> RecordScores:
     """Score one record on the model as it is now (edited or not).
 
+    All of the record's prompts and targets go through one padded forward pass
+    (:func:`score_records` of one record).
+
     Args:
         model: the model, edited or not.
         record: the CounterFact case.
@@ -170,18 +182,97 @@ def score_record(
             or else the edit prompt and its paraphrases (the flat layout has none).
         gen_tokens: tokens per generation (the paper used 100).
     """
-    new, true = record.target_new, record.target_true
-    es = [prefers_new(model, record.request.text, new, true)]
-    ps = [prefers_new(model, p, new, true) for p in record.paraphrase_prompts]
-    ns = [prefers_new(model, p, new, true) for p in record.neighborhood_prompts]
-    gen: dict[str, float] = {}
+    return score_records(
+        model, [record], generation=generation, gen_prompts=gen_prompts,
+        gen_tokens=gen_tokens, progress=False,
+    )[0]
+
+
+def score_records(
+    model: Model,
+    records: Sequence[CounterFactRecord],
+    *,
+    batch_size: int = 64,
+    generation: bool = False,
+    gen_prompts: int = 2,
+    gen_tokens: int = 50,
+    progress: bool = True,
+) -> list[RecordScores]:
+    """Score many records on the model as it is now, in padded batches.
+
+    Every (prompt, target) pair of every record (edit prompt, paraphrases and neighbours, each
+    with the new and the true object) is teacher-forced in right-padded batches of
+    ``batch_size`` rows (:func:`rome_lens.predict.target_logprobs`), instead of one forward
+    pass per pair. The result equals ``[score_record(model, r) for r in records]`` up to float
+    rounding of the magnitudes.
+
+    Args:
+        model: the model, edited or not.
+        records: the CounterFact cases.
+        batch_size: rows per forward pass; lower it if memory is short.
+        generation: also generate and score fluency and mentions (one record at a time; see
+            :func:`score_record`).
+        gen_prompts: generations per record.
+        gen_tokens: tokens per generation.
+        progress: show tqdm bars.
+
+    Returns:
+        One :class:`RecordScores` per record, in order (``seconds`` is 0).
+
+    Example:
+        >>> rec = parse_record({"prompt": "{} lives in", "subject": "Alice", "target_new": "Rome",
+        ...                     "ground_truth": "Oslo", "rephrase_prompt": "Alice is from"})
+        >>> scores = score_records(model, [rec, rec], progress=False)
+        >>> len(scores), len(scores[0].paraphrase)
+        (2, 1)
+        >>> scores[0].efficacy == score_record(model, rec).efficacy
+        True
+    """
+    records = list(records)
+    pairs = [
+        (prompt, target)
+        for rec in records
+        for prompt in _scored_prompts(rec)
+        for target in (rec.target_new, rec.target_true)
+    ]
+    logprobs = dict(zip(
+        pairs, target_logprobs(model, pairs, batch_size=batch_size, progress=progress),
+        strict=True,
+    ))
+    out = [_record_scores(rec, logprobs) for rec in records]
     if generation:
-        prompts = record.generation_prompts or [record.request.text, *record.paraphrase_prompts]
-        gen = generation_metrics(model, prompts[:gen_prompts], new, true, n_tokens=gen_tokens)
+        for rec, scores in zip(
+            tqdm(records, desc="generation", disable=not progress), out, strict=True
+        ):
+            prompts = rec.generation_prompts or [rec.request.text, *rec.paraphrase_prompts]
+            gen = generation_metrics(
+                model, prompts[:gen_prompts], rec.target_new, rec.target_true, n_tokens=gen_tokens
+            )
+            scores.fluency = gen["fluency"]
+            scores.mentions_new = gen["mentions_new"]
+            scores.mentions_true = gen["mentions_true"]
+    return out
+
+
+def _scored_prompts(record: CounterFactRecord) -> list[str]:
+    """The edit prompt, the paraphrases and the neighbours of a record."""
+    return [record.request.text, *record.paraphrase_prompts, *record.neighborhood_prompts]
+
+
+def _record_scores(
+    record: CounterFactRecord, logprobs: dict[tuple[str, str], float]
+) -> RecordScores:
+    """A record's scores from the log-probabilities of its (prompt, target) pairs."""
+
+    def compare(prompt: str) -> tuple[bool, float]:
+        return _compare(
+            logprobs[prompt, record.target_new], logprobs[prompt, record.target_true]
+        )
+
+    es = [compare(record.request.text)]
+    ps = [compare(p) for p in record.paraphrase_prompts]
+    ns = [compare(p) for p in record.neighborhood_prompts]
     return RecordScores(
-        fluency=gen.get("fluency"),
-        mentions_new=gen.get("mentions_new"),
-        mentions_true=gen.get("mentions_true"),
         case_id=record.case_id,
         efficacy=[a for a, _ in es],
         paraphrase=[a for a, _ in ps],
@@ -297,16 +388,24 @@ def _mean_opt(values: list[float | None], scale: float) -> float:
 
 
 def known_records(
-    model: Model, records: list[CounterFactRecord], n: int
+    model: Model, records: Sequence[CounterFactRecord], n: int, *, batch_size: int = 64
 ) -> list[CounterFactRecord]:
-    """The first ``n`` records the unedited model gets right (p(true) > p(new) on the prompt)."""
-    out = []
-    for rec in records:
-        new_wins, _ = prefers_new(model, rec.request.text, rec.target_new, rec.target_true)
-        if not new_wins:
-            out.append(rec)
-        if len(out) >= n:
-            break
+    """The first ``n`` records the unedited model gets right (p(true) > p(new) on the prompt).
+
+    Records are checked ``batch_size // 2`` at a time (two rows each), in order.
+    """
+    out: list[CounterFactRecord] = []
+    step = max(1, batch_size // 2)
+    for start in range(0, len(records), step):
+        chunk = records[start : start + step]
+        pairs = [(r.request.text, t) for r in chunk for t in (r.target_new, r.target_true)]
+        lps = target_logprobs(model, pairs, batch_size=batch_size)
+        for i, rec in enumerate(chunk):
+            new_wins, _ = _compare(lps[2 * i], lps[2 * i + 1])
+            if not new_wins:
+                out.append(rec)
+            if len(out) >= n:
+                return out
     return out
 
 
@@ -319,15 +418,18 @@ def evaluate_rome(
 ) -> tuple[list[RecordScores], list[RecordScores]]:
     """Edit each record with ROME (one at a time, reverted in between) and score it.
 
+    The unedited model scores all records in one batched pass (:func:`score_records`); each
+    edited model scores its own record.
+
     Returns:
         ``(unedited scores, edited scores)``: two lists of :class:`RecordScores`, one per
         record; :func:`summarize` turns either into ES/PS/NS/S.
     """
     from rome_lens.rome import compute_rome
 
-    before, after = [], []
+    before = score_records(model, records, progress=progress)
+    after = []
     for rec in tqdm(records, desc="CounterFact", disable=not progress):
-        before.append(score_record(model, rec))
         t0 = time.perf_counter()
         edit = compute_rome(model, rec.request, layer=layer, **compute_kwargs)
         seconds = time.perf_counter() - t0

@@ -1,8 +1,17 @@
-"""Small prediction helpers shared by the demo, CLI, tests and evaluation."""
+"""Small prediction helpers shared by the demo, CLI, tests and evaluation.
+
+:func:`target_logprob` is the CounterFact comparison quantity of one prompt and target;
+:func:`target_logprobs` computes it for many pairs in padded batches (evaluation of thousands
+of records).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
 
 from rome_lens._typing import Model
 from rome_lens.models import access
@@ -50,3 +59,114 @@ def target_logprob(model: Model, prompt: str, target: str) -> float:
     positions = torch.arange(n - 1, n - 1 + target_ids.shape[0], device=tokens.device)
     logp = access.decode_residual(model, resid[0, positions]).log_softmax(-1)
     return float(logp.gather(-1, target_ids[:, None]).mean())
+
+
+def target_logprobs(
+    model: Model,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[float]:
+    """:func:`target_logprob` of many ``(prompt, target)`` pairs, in padded batches.
+
+    Each pair is tokenised exactly as :func:`target_logprob` does (the prompt with BOS, the
+    target without), teacher-forced as one right-padded row, and only the rows that predict a
+    target token are decoded: the unembedding of a 262k vocabulary at every position would cost
+    more than the forward pass. Pairs are sorted by length so that a batch holds rows of
+    similar length; the attention mask keeps padding out of every real position.
+
+    Args:
+        model: the model, edited or not.
+        pairs: ``(prompt, target)`` pairs; a repeated pair is computed once.
+        batch_size: rows per forward pass (and rows per unembedding chunk).
+        progress: show a tqdm bar over the pairs.
+
+    Returns:
+        The mean per-token log-probability of each target, in the order of ``pairs``; equal to
+        :func:`target_logprob` up to float rounding.
+
+    Raises:
+        ValueError: ``batch_size`` below 1.
+        InvalidRequestError: an empty target.
+        PromptTooLongError: a prompt and target longer than the context window.
+
+    Example:
+        >>> lps = target_logprobs(model, [("Alice lives in", "Rome"), ("Bob is", "Oslo")])
+        >>> abs(lps[0] - target_logprob(model, "Alice lives in", "Rome")) < 1e-4
+        True
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    unique = list(dict.fromkeys(pairs))
+    rows = _tokenise_pairs(model, unique)
+    order = sorted(range(len(rows)), key=lambda i: -_row_length(rows[i]))
+    values: dict[int, float] = {}
+    with tqdm(total=len(rows), desc="target log-probs", unit="pair", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            scores = _batch_logprobs(model, [rows[i] for i in chunk], batch_size)
+            values.update(zip(chunk, scores, strict=True))
+            bar.update(len(chunk))
+    index = {pair: i for i, pair in enumerate(unique)}
+    return [values[index[pair]] for pair in pairs]
+
+
+_Row = tuple[Int[torch.Tensor, " prompt"], Int[torch.Tensor, " target"]]
+
+
+def _row_length(row: _Row) -> int:
+    return int(row[0].shape[0] + row[1].shape[0])
+
+
+def _tokenise_pairs(model: Model, pairs: Sequence[tuple[str, str]]) -> list[_Row]:
+    """Prompt ids (with BOS) and target ids of each pair; each prompt tokenised once."""
+    prompts: dict[str, torch.Tensor] = {}
+    rows = []
+    for prompt, target in pairs:
+        if prompt not in prompts:
+            prompts[prompt] = access.to_tokens(model, prompt)
+        prompt_ids = prompts[prompt]
+        row = (prompt_ids, target_tokens(model, target).to(prompt_ids.device))
+        access.check_fits(model, _row_length(row), what=repr(prompt[:60]))
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def _batch_logprobs(model: Model, rows: list[_Row], decode_rows: int) -> list[float]:
+    """Mean target log-probability of each row, from one right-padded forward pass.
+
+    Args:
+        model: the model.
+        rows: ``(prompt ids, target ids)`` of each row.
+        decode_rows: most residual vectors unembedded at once (bounds the
+            ``[rows, d_vocab]`` logits).
+    """
+    device = rows[0][0].device
+    width = max(_row_length(row) for row in rows)
+    # Any valid id does for padding: the attention mask hides it, and with right padding no
+    # real position comes after it.
+    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(tokens)
+    row_index, positions, targets = [], [], []
+    for i, (prompt_ids, target_ids) in enumerate(rows):
+        n, t = int(prompt_ids.shape[0]), int(target_ids.shape[0])
+        tokens[i, :n] = prompt_ids
+        tokens[i, n : n + t] = target_ids
+        mask[i, : n + t] = 1
+        # The residual at position p predicts token p + 1: the target's rows start one early.
+        row_index.append(torch.full((t,), i, dtype=torch.long, device=device))
+        positions.append(torch.arange(n - 1, n - 1 + t, device=device))
+        targets.append(target_ids)
+    resid = access.final_residual(model, tokens, attention_mask=mask)
+    wanted = resid[torch.cat(row_index), torch.cat(positions)]
+    ids = torch.cat(targets)
+    token_logp = torch.cat([
+        access.decode_residual(model, wanted[s : s + decode_rows])
+        .log_softmax(-1)
+        .gather(-1, ids[s : s + decode_rows, None])[:, 0]
+        for s in range(0, ids.shape[0], decode_rows)
+    ])
+    lengths = [int(target_ids.shape[0]) for _, target_ids in rows]
+    return [float(part.mean()) for part in token_logp.split(lengths)]

@@ -10,15 +10,18 @@ from _support import one_thread
 
 from rome_lens import EditRequest, InvalidRequestError, RomeLensError
 from rome_lens.evaluation import (
+    CounterFactRecord,
     RecordScores,
     harmonic_mean,
+    known_records,
     load_counterfact,
     parse_record,
     prefers_new,
     score_record,
+    score_records,
     summarize,
 )
-from rome_lens.predict import target_logprob
+from rome_lens.predict import target_logprob, target_logprobs
 
 FLAT = {
     "case_id": 7,
@@ -190,7 +193,8 @@ def test_score_record_matches_target_logprobs(model) -> None:
     lp_true = target_logprob(model, "Bob lives in", "Oslo")
     assert margin == pytest.approx(math.exp(lp_new) - math.exp(lp_true), rel=1e-6)
     assert new_wins == (lp_new > lp_true) == (margin > 0)
-    assert scores.neighborhood_magnitude == [pytest.approx(-margin)]
+    # score_record runs all its pairs in one padded batch: equal up to float rounding.
+    assert scores.neighborhood_magnitude == [pytest.approx(-margin, abs=1e-6)]
 
 
 def test_target_logprob_matches_full_forward_pass(model) -> None:
@@ -202,3 +206,94 @@ def test_target_logprob_matches_full_forward_pass(model) -> None:
     ids = tokens[0, n:]
     expected = logp[n - 1 : n - 1 + ids.shape[0]].gather(-1, ids[:, None]).mean()
     assert target_logprob(model, prompt, target) == pytest.approx(float(expected), abs=1e-5)
+
+
+# ---------------------------------------------------------------- batched scoring
+
+# Prompts and targets of different lengths (every target is several characters, so several
+# tokens); a prompt shared by two records; one record with no paraphrase, one with a target
+# that already starts with a space; both layouts.
+BATCH_RECORDS = [
+    dict(FLAT, case_id=1),
+    {"case_id": 2, "prompt": "{} speaks", "subject": "Bo", "target_new": "Swedish language",
+     "ground_truth": "Greek", "locality_prompt": ["Al speaks", "The old king of Norway speaks",
+                                                  "Notre Dame is in"]},
+    {"case_id": 3, "prompt": "The mother tongue of {} is", "subject": "Carol Jean Smith",
+     "target_new": " Dutch", "ground_truth": "French (Quebec)",
+     "rephrase_prompt": ["Carol Jean Smith was born in Lyon. The mother tongue of Carol Jean "
+                         "Smith is", "Carol Jean Smith speaks"],
+     "locality_prompt": "Bob is"},
+    dict(NESTED, case_id=4, paraphrase_prompts=[]),
+]
+
+
+def _reference(model, rec: CounterFactRecord) -> RecordScores:
+    """Scores from one unbatched target_logprob per (prompt, target): the definition."""
+    new, true = rec.target_new, rec.target_true
+    es = [prefers_new(model, rec.request.text, new, true)]
+    ps = [prefers_new(model, p, new, true) for p in rec.paraphrase_prompts]
+    ns = [prefers_new(model, p, new, true) for p in rec.neighborhood_prompts]
+    return RecordScores(
+        case_id=rec.case_id,
+        efficacy=[a for a, _ in es], paraphrase=[a for a, _ in ps],
+        neighborhood=[not a for a, _ in ns], efficacy_magnitude=[m for _, m in es],
+        paraphrase_magnitude=[m for _, m in ps], neighborhood_magnitude=[-m for _, m in ns],
+    )
+
+
+def _assert_same(got: list[RecordScores], want: list[RecordScores], tol: float) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.case_id == b.case_id
+        assert (a.efficacy, a.paraphrase, a.neighborhood) == (
+            b.efficacy, b.paraphrase, b.neighborhood)
+        for name in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"):
+            assert getattr(a, name) == pytest.approx(getattr(b, name), abs=tol), name
+
+
+@pytest.fixture
+def batch_records() -> list[CounterFactRecord]:
+    return [parse_record(r) for r in BATCH_RECORDS]
+
+
+def test_score_records_equals_unbatched_definition(model, batch_records) -> None:
+    want = [_reference(model, rec) for rec in batch_records]
+    got = score_records(model, batch_records, progress=False)
+    _assert_same(got, want, tol=1e-6)
+    _assert_same([score_record(model, rec) for rec in batch_records], want, tol=1e-6)
+    assert [len(s.neighborhood) for s in got] == [2, 3, 1, 2]
+    assert [len(s.paraphrase) for s in got] == [1, 0, 2, 0]
+
+
+def test_score_records_batch_size_does_not_change_results(model, batch_records) -> None:
+    one = score_records(model, batch_records, batch_size=1, progress=False)
+    for batch_size in (3, 64):
+        _assert_same(score_records(model, batch_records, batch_size=batch_size,
+                                   progress=False), one, tol=1e-6)
+
+
+def test_target_logprobs_matches_target_logprob_in_any_batch(model) -> None:
+    pairs = [("Alice lives in", "Rome"), ("A", "Swedish language"), ("Alice lives in", " Oslo"),
+             ("The mother tongue of Carol Jean Smith is", "French"), ("A", "Swedish language")]
+    want = [target_logprob(model, p, t) for p, t in pairs]
+    for batch_size in (1, 2, 64):
+        got = target_logprobs(model, pairs, batch_size=batch_size)
+        assert got == pytest.approx(want, abs=1e-5)
+    assert got[1] == got[4]  # a repeated pair is one row
+
+
+def test_target_logprobs_bad_arguments(model) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        target_logprobs(model, [("Alice lives in", "Rome")], batch_size=0)
+    with pytest.raises(InvalidRequestError):
+        target_logprobs(model, [("Alice lives in", "Rome"), ("Bob is", " ")])
+    assert target_logprobs(model, []) == []
+
+
+def test_known_records_matches_one_prompt_at_a_time(model, batch_records) -> None:
+    records = batch_records * 3
+    known = [r for r in records if not prefers_new(
+        model, r.request.text, r.target_new, r.target_true)[0]]
+    for n in (1, 2, len(records)):
+        for batch_size in (2, 5, 64):
+            assert known_records(model, records, n, batch_size=batch_size) == known[:n]
