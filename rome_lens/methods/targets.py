@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 _Z_FIELDS = (
     "v_num_grad_steps", "v_lr", "clamp_norm_factor", "kl_factor", "v_weight_decay",
     "early_stop_loss", "n_contexts_short", "context_len_short", "n_contexts_long",
-    "context_len_long", "context_top_k", "kl_prompt", "seed",
+    "context_len_long", "context_top_k", "kl_prompt", "seed", "z_precision",
 )
 
 
@@ -163,7 +163,7 @@ def _cache_key(model: Model, request: EditRequest, hparams: Any, z_layer: int, l
     spec = {
         "base": base_fingerprint(model), "applied": list(applied_ids(model)),
         "request": request.to_dict(), "layer": z_layer, "loop": loop,
-        "hparams": {name: getattr(hparams, name) for name in _Z_FIELDS},
+        "hparams": {name: getattr(hparams, name, None) for name in _Z_FIELDS},
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -175,7 +175,10 @@ def _optimise_chunk(
     with torch.no_grad():
         v_orig = access.mlp_value(model, z_layer, k_star)
     forward = make_forward(model, z_layer, chunk.batch, loop, resid, v_orig.dtype)
-    delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
+    low = getattr(hparams, "z_precision", "float32") == "bfloat16"
+    device = torch.device(model.cfg.device or "cpu").type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
+        delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
     return delta.float(), final
 
 
