@@ -60,6 +60,22 @@ def batches_of(facts: list[Any], size: int, small: int) -> list[list[Any]]:
             if len(facts[i * size : (i + 1) * size]) == size]
 
 
+def warm_targets(model: Any, facts: list[Any], hp: Any, budget: Budget, step: int = 100) -> bool:
+    """Optimise (and cache) the targets of ``facts`` ``step`` at a time, within the budget.
+
+    A large batch is one ``compute_edit`` call; warming its targets first lets ``--max-minutes``
+    stop between chunks. Returns whether every target is cached.
+    """
+    from rome_lens.methods.targets import optimise_targets, request_chunks
+
+    for first in range(0, len(facts), step):
+        if budget.spent():
+            return False
+        chunks = request_chunks(model, [r.request for r in facts[first : first + step]], hp)
+        optimise_targets(model, chunks, hp, hp.layers[-1], cache=True, progress=True)
+    return True
+
+
 def run_memit(model: Any, args: argparse.Namespace, facts: list[Any], rows: list[dict],
               budget: Budget, hp: Any) -> None:
     """One row per (size, batch): edit from the unedited model, score, revert."""
@@ -68,7 +84,7 @@ def run_memit(model: Any, args: argparse.Namespace, facts: list[Any], rows: list
         for j, batch in enumerate(batches_of(facts, size, args.small)):
             if (size, j) in done:
                 continue
-            if budget.spent():
+            if budget.spent() or not warm_targets(model, batch, hp, budget):
                 return
             t0 = time.perf_counter()
             edit = rome_lens.compute_edit(model, [r.request for r in batch], method="memit",
@@ -179,10 +195,10 @@ def main() -> int:
     rows = read_rows(args.out.with_suffix(".jsonl"))
     if "none" not in args.skip:
         run_unedited(model, args, facts, rows)
-    if "rome" not in args.skip:
-        run_rome(model, args, facts, rows, budget)
     if "memit" not in args.skip:
         run_memit(model, args, facts, rows, budget, hp)
+    if "rome" not in args.skip:
+        run_rome(model, args, facts, rows, budget)
     result = report(args, rows, hp, len(facts))
     args.out.with_suffix(".json").write_text(__import__("json").dumps(result, indent=1))
     for key, s in result["table"].items():
