@@ -144,14 +144,20 @@ def check_subjects(requests: Sequence[EditRequest]) -> None:
 
 
 def memit_solver(
-    mom2: dict[int, Float[torch.Tensor, "d_mlp d_mlp"]], weight: float
+    mom2: dict[int, Float[torch.Tensor, "d_mlp d_mlp"]], weight: float, ridge: float = 0.0
 ) -> Solver:
-    """MEMIT's per-layer solve: ``left = (weight C + K^T K)^-1 K^T``, ``right = R`` (float64)."""
+    """MEMIT's per-layer solve: ``left = (weight C' + K^T K)^-1 K^T``, ``right = R`` (float64).
+
+    ``C' = C + ridge * mean(diag C) I``: as for ROME, a finite statistics corpus leaves C's
+    small eigenvalues noisy, and the ridge keeps the solve from amplifying them.
+    """
 
     def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor
     ]:
         c = mom2[layer].to("cpu", torch.float64)
+        if ridge > 0:
+            c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
         k = keys.to("cpu", torch.float64)
         left = torch.linalg.solve(weight * c + k.T @ k, k.T)
         if not torch.isfinite(left).all():
@@ -248,6 +254,6 @@ def compute_memit(
     given = stats or {}
     mom2 = {layer: given[layer] if layer in given else second_moment(model, layer, corpus, hp)
             for layer in hp.layers}
-    solver = memit_solver(mom2, hp.mom2_update_weight)
+    solver = memit_solver(mom2, hp.mom2_update_weight, hp.mom2_ridge)
     return run_many(model, chunks, hp, "memit", solver, loop=loop,
                     cache_targets=cache_targets, progress=progress, info={})

@@ -74,8 +74,8 @@ def test_one_request_one_layer_is_the_rome_closed_form() -> None:
         )
         rome = rome_lens.compute_rome(model, REQS[0], hparams=rome_hp, stats=c)
         for weight in (1e-6, 3.0):
-            memit = compute_edit(model, REQS[0], method="memit", hparams=_memit(weight, (1,)),
-                                 stats={1: c}, progress=False)
+            memit = compute_edit(model, REQS[0], method="memit", stats={1: c}, progress=False,
+                                 hparams=replace(_memit(weight, (1,)), mom2_ridge=0.0))
             k = memit.keys_at(1)[0].double()
             kck = float(k @ torch.linalg.solve(c.double(), k))
             scale = kck / (weight + kck)
@@ -94,6 +94,7 @@ def test_memit_update_satisfies_its_normal_equations(kind: str) -> None:
                             corpus=STATS_CORPUS, progress=False)
         for site in edit.sites:
             c = _stats(model, site.layer).double()
+            c += edit.hparams.mom2_ridge * c.diagonal().mean() * torch.eye(c.shape[0]).double()
             k = edit.keys_at(site.layer).double()
             delta, r = site.delta().double(), site.right.double()
             gradient = k.T @ (k @ delta - r) + weight * c @ delta
