@@ -133,8 +133,11 @@ def run_rome(model: Any, args: argparse.Namespace, facts: list[Any], rows: list[
 
 
 def run_unedited(model: Any, args: argparse.Namespace, facts: list[Any], rows: list[dict]) -> None:
-    if not any(r["method"] == "none" for r in rows):
-        row = {"method": "none", "scores": score_all(model, facts, args.generation_records)}
+    """Score the unedited model on the facts no earlier run scored."""
+    seen = {x["case_id"] for r in rows if r["method"] == "none" for x in r["scores"]}
+    missing = [f for f in facts if f.case_id not in seen]
+    if missing:
+        row = {"method": "none", "scores": score_all(model, missing, args.generation_records)}
         append_row(args.out.with_suffix(".jsonl"), row)
         rows.append(row)
 
@@ -147,8 +150,9 @@ def report(args: argparse.Namespace, rows: list[dict], hp: Any, n_facts: int) ->
     unedited: dict[int, dict] = {}
     for r in rows:
         if r["method"] == "none":
-            table["unedited"] = summary(r["scores"])
-            unedited = {x["case_id"]: x for x in r["scores"]}
+            unedited |= {x["case_id"]: x for x in r["scores"]}
+    if unedited:
+        table["unedited"] = summary(unedited.values())
     for size in args.sizes:
         sized = [r for r in rows if r["method"] == "memit" and r["size"] == size]
         if sized:

@@ -72,6 +72,7 @@ class MemitHyperParams(RomeHyperParams):
     mom2_update_weight: float = 15000.0
     z_batch: int = 16
     z_precision: str = "bfloat16"
+    fit_rows: bool = False
     n_contexts_short: int = 5
     n_contexts_long: int = 5
 
@@ -100,7 +101,7 @@ class MemitHyperParams(RomeHyperParams):
 _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2-xl": {"layers": (13, 14, 15, 16, 17), "mom2_update_weight": 20000.0},
     "gpt-j-6B": {"layers": (3, 4, 5, 6, 7, 8), "mom2_update_weight": 15000.0},
-    "gemma-3-270m": {"layers": (1, 2, 3, 4), "mom2_update_weight": 15000.0},
+    "gemma-3-270m": {"layers": (2, 3, 4), "mom2_update_weight": 1000.0},
 }
 
 
@@ -182,7 +183,8 @@ def run_many(
     requests = [r for chunk in chunks for r in chunk.requests]
     targets = optimise_targets(model, chunks, hp, hp.layers[-1], loop, cache_targets, progress)
     t1 = time.perf_counter()
-    result = spread(model, chunks, hp.layers, targets.z, solver, progress)
+    assert targets.z_rows is not None
+    result = spread(model, chunks, hp.layers, targets.z_rows, solver, progress, hp.fit_rows)
     t2 = time.perf_counter()
     info |= {"timings": {"targets_s": t1 - t0, "spread_s": t2 - t1},
              "final_losses": targets.final_losses, "cached_targets": targets.cached,

@@ -11,10 +11,10 @@ Where the model normalises the MLP output before adding it to the residual strea
 each key (:func:`raw_change`), because that is what the weight produces.
 
 Example:
-    >>> wanted = torch.randn(2, model.cfg.d_model)           # 2 requests
-    >>> values = torch.randn(6, model.cfg.d_model)           # 3 prompts each
+    >>> values = torch.randn(6, model.cfg.d_model)    # raw MLP outputs: 2 requests x 3 prompts
+    >>> wanted = torch.randn(6, model.cfg.d_model)    # the residual change each prompt needs
     >>> dm = raw_change(model, 1, values, wanted, torch.tensor([0, 0, 0, 1, 1, 1]))
-    >>> dm.shape                                   # = wanted without a post-MLP norm
+    >>> dm.shape                                      # one change per request
     torch.Size([2, 32])
 """
 
@@ -58,33 +58,36 @@ class Spread:
 
 def raw_change(
     model: Model, layer: int, values: Float[torch.Tensor, "rows d_model"],
-    wanted: Float[torch.Tensor, "n d_model"], row_request: Int[torch.Tensor, " rows"],
-    steps: int = 100, penalty: float = PENALTY,
+    wanted: Float[torch.Tensor, "rows d_model"], row_request: Int[torch.Tensor, " rows"],
+    steps: int = 500, penalty: float = PENALTY,
 ) -> Float[torch.Tensor, "n d_model"]:
-    """The change of each request's raw MLP output that adds ``wanted`` to its mean residual.
+    """The change of each request's raw MLP output that adds ``wanted`` to its residuals.
 
-    ``values`` are the raw MLP outputs of every prompt (row) of the requests at the last
-    subject token. Without a post-MLP map the change is ``wanted``. With one (an RMSNorm ``f``),
-    each request's change ``dm`` is fitted by least squares (L-BFGS from zero) so that the mean
-    over its rows of ``f(value + dm) - f(value)`` is ``wanted``, with a small penalty
-    ``penalty * ||dm||^2 / mean ||value||^2``: an RMSNorm is scale-invariant, and a huge ``dm``
-    would otherwise fit the mean by making every row the same.
+    ``values`` are the raw MLP outputs at the last subject token of every prompt (row) of the
+    requests and ``wanted`` the change each row's residual needs. Without a post-MLP map the
+    change of a request is the mean of its rows' ``wanted``. With one (Gemma's ``ln2_post``,
+    an RMSNorm ``f``), each request's change ``dm`` is fitted over its rows by L-BFGS from
+    zero, ``f(value_r + dm) ~ f(value_r) + wanted_r``, with a small penalty
+    ``penalty * ||dm||^2 / mean ||value||^2`` (an RMSNorm is scale-invariant). The fit is
+    badly conditioned: 500 iterations bring the single-layer case to the optimised change
+    (cosine 0.99 on gemma-3-270m; 100 iterations: 0.8).
     """
+    index = row_request.to(values.device)
+    n = int(index.max()) + 1
     post = access.post_mlp(model, layer)
     if post is None:
-        return wanted.float()
-    values, index = values.detach().float(), row_request.to(values.device)
-    n, scale = wanted.shape[0], float((values**2).sum(-1).mean())
+        return request_means(wanted.float(), index, n)
+    values = values.detach().float()
+    target = (post(values).detach().float() + wanted.to(values.device).float())
+    scale = float(values.pow(2).sum(-1).mean())
     with torch.enable_grad():
-        start = request_means(post(values).detach(), index, n)
-        target = (start + wanted.to(values.device)).detach()
-        dm = torch.zeros_like(target, requires_grad=True)
+        dm = torch.zeros(n, values.shape[-1], device=values.device, requires_grad=True)
         opt = torch.optim.LBFGS([dm], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-12, tolerance_change=1e-14)
 
         def closure() -> torch.Tensor:
-            reached = request_means(post(values + dm[index]), index, n)
-            loss = ((reached - target) ** 2).sum() + penalty * (dm**2).sum() / scale
+            loss = ((post(values + dm[index]) - target) ** 2).sum() / len(index) * n
+            loss = loss + penalty * (dm**2).sum() / scale
             (dm.grad,) = torch.autograd.grad(loss, [dm])
             return loss.detach()
 
@@ -111,37 +114,38 @@ def _partial(model: Model, sites: list[Site]) -> Edit:
 
 def _measure(
     model: Model, chunks: Sequence[RequestChunk], layer: int, z_layer: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys at ``layer`` (per row and per request) and the mean residual leaving ``z_layer``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys at ``layer`` and residuals leaving ``z_layer`` of every row, and the row index.
 
     Returns:
-        ``(key rows, row -> request index, mean keys, mean residuals)`` over all chunks.
+        ``(key rows, residual rows, row -> request index)`` over all chunks.
     """
     key_hook, out_hook = access.key_hook_name(layer), access.resid_post_hook_name(z_layer)
-    rows, index, keys, outs, offset = [], [], [], [], 0
+    keys, outs, index, offset = [], [], [], 0
     for chunk in chunks:
         picked = subject_rows(model, chunk, [key_hook, out_hook], z_layer + 1)
-        n = len(chunk.requests)
-        rows.append(picked[key_hook])
+        keys.append(picked[key_hook].cpu())
+        outs.append(picked[out_hook].cpu())
         index.append(chunk.row_request + offset)
-        keys.append(request_means(picked[key_hook], chunk.row_request, n))
-        outs.append(request_means(picked[out_hook], chunk.row_request, n))
-        offset += n
-    return torch.cat(rows), torch.cat(index), torch.cat(keys), torch.cat(outs)
+        offset += len(chunk.requests)
+    return torch.cat(keys), torch.cat(outs), torch.cat(index)
 
 
 def spread(
     model: Model,
     chunks: Sequence[RequestChunk],
     layers: Sequence[int],
-    z: Float[torch.Tensor, "n d_model"],
+    z_rows: Float[torch.Tensor, "rows d_model"],
     solver: Solver,
     progress: bool = True,
+    fit_rows: bool = False,
 ) -> Spread:
-    """Update each layer of ``layers`` (ascending) towards the targets ``z`` of the last one.
+    """Update each layer of ``layers`` (ascending) towards the row targets of the last one.
 
     The model is not modified: the lower layers' updates are applied only while the keys and
     residuals of the next layer are measured (exactly reverted by the edit registry).
+    ``fit_rows``: every prompt's key is a constraint of the solve (default: each request's
+    mean key, as MEMIT).
 
     Raises:
         NonFiniteError: a key, residual or update is NaN or infinite.
@@ -151,17 +155,22 @@ def spread(
     for i, layer in enumerate(tqdm(layers, desc="layer updates", disable=not progress)):
         below = _partial(model, out.sites).applied(model) if out.sites else nullcontext()
         with below:
-            key_rows, index, keys, now = _measure(model, chunks, layer, z_layer)
-        wanted = (z.to(now.device) - now) / (len(layers) - i)
+            key_rows, now, index = _measure(model, chunks, layer, z_layer)
+        n = int(index.max()) + 1
+        keys = request_means(key_rows, index, n)
+        wanted = (z_rows.to(now.device) - now) / (len(layers) - i)
         with torch.no_grad():
             values = access.mlp_value(model, layer, key_rows.to(model.cfg.device))
-        change = raw_change(model, layer, values, wanted.to(values.device), index)
-        if not (torch.isfinite(keys).all() and torch.isfinite(change).all()):
+        change = raw_change(model, layer, values, wanted.to(values.device), index).cpu()
+        if not (torch.isfinite(key_rows).all() and torch.isfinite(change).all()):
             raise NonFiniteError(f"keys or residuals at layer {layer} are not finite")
-        left, right = solver(layer, keys, change)
+        if fit_rows:  # every prompt's key is a constraint, with its request's change
+            left, right = solver(layer, key_rows, change[index])
+        else:
+            left, right = solver(layer, keys, change)
         out.sites.append(make_site(layer, left, right, dtype))
         out.keys[layer] = keys.detach().cpu()
-        out.residual_norms.append(float(wanted.norm(dim=-1).mean()))
+        out.residual_norms.append(float(request_means(wanted, index, n).norm(dim=-1).mean()))
         fit = keys.to(left.device, left.dtype) @ left @ right - change.to(left.device, left.dtype)
         out.fit_errors.append(float(fit.norm() / change.norm().clamp_min(1e-12)))
         logger.info("layer %d: mean residual share %.3f, relative fit error %.3f", layer,

@@ -3,9 +3,9 @@
 For each request, a change ``delta`` of the raw MLP output of the LAST layer of the edited range
 (at the last subject token of every value prompt) is optimised exactly as ROME's v*
 (:func:`rome_lens.rome.optimise_values`: NLL of the new object over context-prefixed prompts, KL
-on "{subject} is a", decay, clamp). The target ``z`` of the request is then the residual stream
-leaving that layer with ``delta`` added, averaged over the request's prompts: the hidden state
-the lower layers' updates must produce together.
+on "{subject} is a", decay, clamp). The target of each prompt (row) is then the residual stream
+leaving that layer with ``delta`` added: the hidden state the layers' updates must produce
+together (``z``: its mean over the request's prompts).
 
 Requests are optimised ``hparams.z_batch`` at a time (each independently: own loss, clamp and
 early stop). The deltas can be cached on disk per (base model, applied edits, request,
@@ -87,6 +87,7 @@ class Targets:
     final_losses: list[float]
     cached: int
     seconds: float = 0.0  # optimisation time of all deltas (as first measured, if cached)
+    z_rows: Float[torch.Tensor, "rows d_model"] | None = None  # z of every prompt (row)
 
 
 def request_chunks(
@@ -145,8 +146,8 @@ def subject_means(
 
 def target_states(
     model: Model, chunk: RequestChunk, z_layer: int, delta: Float[torch.Tensor, "n d_model"]
-) -> Float[torch.Tensor, "n d_model"]:
-    """Mean residual leaving ``z_layer`` at the last subject token with ``delta`` added."""
+) -> Float[torch.Tensor, "rows d_model"]:
+    """Residual leaving ``z_layer`` at the last subject token of every row, ``delta`` added."""
     mask = torch.zeros(*chunk.key_tokens.shape, 1)
     mask[torch.arange(mask.shape[0]), chunk.key_last] = 1.0
     rows = delta[chunk.row_request][:, None, :]
@@ -156,7 +157,7 @@ def target_states(
 
     hook = access.resid_post_hook_name(z_layer)
     with access.raw_mlp_output_hook(model, z_layer, add):
-        return subject_means(model, chunk, [hook], z_layer + 1)[hook]
+        return subject_rows(model, chunk, [hook], z_layer + 1)[hook]
 
 
 def _cache_key(model: Model, request: EditRequest, hparams: Any, z_layer: int, loop: str) -> str:
@@ -225,7 +226,11 @@ def optimise_targets(
                          "seconds": torch.tensor(share)}
                 with atomic_path(path) as tmp:
                     save_file(entry, str(tmp))
-        zs.append(target_states(model, chunk, z_layer, delta))
+        zs.append(target_states(model, chunk, z_layer, delta).cpu())
         deltas.append(delta.cpu())
         finals.extend(final)
-    return Targets(torch.cat(zs), torch.cat(deltas), finals, n_cached, seconds)
+    z_rows = torch.cat(zs)
+    index = torch.cat([c.row_request + sum(len(p.requests) for p in chunks[:i])
+                       for i, c in enumerate(chunks)])
+    z = request_means(z_rows, index, len(finals))
+    return Targets(z, torch.cat(deltas), finals, n_cached, seconds, z_rows)

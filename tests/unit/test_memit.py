@@ -118,7 +118,9 @@ def test_memit_reaches_its_targets_when_preservation_is_light(kind: str) -> None
             after = subject_means(model, chunk, [hook], 3)[hook]
     z = edit.tensors["z"]
     assert (z - before).norm() > 0.1
-    assert (after - z).norm() < 0.05 * (z - before).norm()
+    # exact up to float rounding without a post-MLP norm; through one, a fitted change
+    tolerance = 0.01 if kind == "gpt2" else 0.1
+    assert (after - z).norm() < tolerance * (z - before).norm()
 
 
 @pytest.mark.parametrize("kind", KINDS)
