@@ -42,13 +42,14 @@ def known_facts(model: Any, n: int, data: Path, cache: Path) -> list[ev.CounterF
         saved = json.loads(cache.read_text())
         if saved["data"] == data.name and len(saved["case_ids"]) >= n:
             return [by_id[c] for c in saved["case_ids"][:n]]
-    chosen, subjects = [], set()
-    for rec in records:
-        if rec.request.subject in subjects:
-            continue
-        if ev.known_records(model, [rec], 1):
-            chosen.append(rec)
-            subjects.add(rec.request.subject)
+    chosen: list[ev.CounterFactRecord] = []
+    subjects: set[str] = set()
+    for first in range(0, len(records), 128):  # batched; same selection as one at a time
+        block = [r for r in records[first : first + 128] if r.request.subject not in subjects]
+        for rec in ev.known_records(model, block, len(block)):
+            if rec.request.subject not in subjects and len(chosen) < n:
+                chosen.append(rec)
+                subjects.add(rec.request.subject)
         if len(chosen) >= n:
             break
     cache.parent.mkdir(parents=True, exist_ok=True)
