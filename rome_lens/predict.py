@@ -2,15 +2,17 @@
 
 :func:`target_logprob` is the CounterFact comparison quantity of one prompt and target;
 :func:`target_logprobs` computes it for many pairs in padded batches (evaluation of thousands
-of records).
+of records); :func:`target_token_scores` gives the same pairs' per-token log-probabilities and
+argmax predictions (the teacher-forced token accuracy of zsRE).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from rome_lens._typing import Model
@@ -70,11 +72,8 @@ def target_logprobs(
 ) -> list[float]:
     """:func:`target_logprob` of many ``(prompt, target)`` pairs, in padded batches.
 
-    Each pair is tokenised exactly as :func:`target_logprob` does (the prompt with BOS, the
-    target without), teacher-forced as one right-padded row, and only the rows that predict a
-    target token are decoded: the unembedding of a 262k vocabulary at every position would cost
-    more than the forward pass. Pairs are sorted by length so that a batch holds rows of
-    similar length; the attention mask keeps padding out of every real position.
+    The means of :func:`target_token_scores`: each pair is tokenised exactly as
+    :func:`target_logprob` does and teacher-forced as one right-padded row.
 
     Args:
         model: the model, edited or not.
@@ -96,16 +95,83 @@ def target_logprobs(
         >>> abs(lps[0] - target_logprob(model, "Alice lives in", "Rome")) < 1e-4
         True
     """
+    scores = target_token_scores(model, pairs, batch_size=batch_size, progress=progress)
+    return [s.mean_logprob for s in scores]
+
+
+@dataclass(frozen=True, repr=False)
+class TargetTokens:
+    """Teacher-forced predictions at the positions of a target's tokens after a prompt.
+
+    Attributes:
+        ids: the target's token ids (as :func:`rome_lens.requests.target_tokens` gives them).
+        logprobs: ``log p(ids[i] | prompt, ids[:i])`` of each token.
+        predicted: the most likely token (argmax) at each of those positions.
+    """
+
+    ids: Int[torch.Tensor, " n"]
+    logprobs: Float[torch.Tensor, " n"]
+    predicted: Int[torch.Tensor, " n"]
+
+    @property
+    def mean_logprob(self) -> float:
+        """The mean per-token log-probability (the CounterFact comparison quantity)."""
+        return float(self.logprobs.mean())
+
+    def __repr__(self) -> str:
+        hits = int((self.predicted == self.ids).sum())
+        return (
+            f"TargetTokens({self.ids.shape[0]} tokens, mean log-prob {self.mean_logprob:.3f}, "
+            f"argmax hits {hits}/{self.ids.shape[0]})"
+        )
+
+
+def target_token_scores(
+    model: Model,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[TargetTokens]:
+    """Per-token log-probabilities and argmax predictions of many ``(prompt, target)`` pairs.
+
+    Each pair is tokenised as :func:`target_logprob` does (the prompt with BOS, the target
+    without), teacher-forced as one right-padded row, and only the rows that predict a
+    target token are decoded: the unembedding of a 262k vocabulary at every position would cost
+    more than the forward pass. Pairs are sorted by length so that a batch holds rows of
+    similar length; the attention mask keeps padding out of every real position.
+
+    Args:
+        model: the model, edited or not.
+        pairs: ``(prompt, target)`` pairs; a repeated pair is computed once.
+        batch_size: rows per forward pass (and rows per unembedding chunk).
+        progress: show a tqdm bar over the pairs.
+
+    Returns:
+        One :class:`TargetTokens` (on the CPU) per pair, in the order of ``pairs``.
+
+    Raises:
+        ValueError: ``batch_size`` below 1.
+        InvalidRequestError: an empty target.
+        PromptTooLongError: a prompt and target longer than the context window.
+
+    Example:
+        >>> scores = target_token_scores(model, [("Alice lives in", "Rome")])
+        >>> scores[0].ids.shape == scores[0].logprobs.shape == scores[0].predicted.shape
+        True
+        >>> scores[0]
+        TargetTokens(... tokens, mean log-prob ..., argmax hits .../...)
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     unique = list(dict.fromkeys(pairs))
     rows = _tokenise_pairs(model, unique)
     order = sorted(range(len(rows)), key=lambda i: -_row_length(rows[i]))
-    values: dict[int, float] = {}
+    values: dict[int, TargetTokens] = {}
     with tqdm(total=len(rows), desc="target log-probs", unit="pair", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            scores = _batch_logprobs(model, [rows[i] for i in chunk], batch_size)
+            scores = _batch_token_scores(model, [rows[i] for i in chunk], batch_size)
             values.update(zip(chunk, scores, strict=True))
             bar.update(len(chunk))
     index = {pair: i for i, pair in enumerate(unique)}
@@ -134,8 +200,8 @@ def _tokenise_pairs(model: Model, pairs: Sequence[tuple[str, str]]) -> list[_Row
 
 
 @torch.no_grad()
-def _batch_logprobs(model: Model, rows: list[_Row], decode_rows: int) -> list[float]:
-    """Mean target log-probability of each row, from one right-padded forward pass.
+def _batch_token_scores(model: Model, rows: list[_Row], decode_rows: int) -> list[TargetTokens]:
+    """Per-token scores of each row's target, from one right-padded forward pass.
 
     Args:
         model: the model.
@@ -162,11 +228,16 @@ def _batch_logprobs(model: Model, rows: list[_Row], decode_rows: int) -> list[fl
     resid = access.final_residual(model, tokens, attention_mask=mask)
     wanted = resid[torch.cat(row_index), torch.cat(positions)]
     ids = torch.cat(targets)
-    token_logp = torch.cat([
-        access.decode_residual(model, wanted[s : s + decode_rows])
-        .log_softmax(-1)
-        .gather(-1, ids[s : s + decode_rows, None])[:, 0]
-        for s in range(0, ids.shape[0], decode_rows)
-    ])
+    token_logp, predicted = [], []
+    for s in range(0, ids.shape[0], decode_rows):
+        logp = access.decode_residual(model, wanted[s : s + decode_rows]).log_softmax(-1)
+        token_logp.append(logp.gather(-1, ids[s : s + decode_rows, None])[:, 0])
+        predicted.append(logp.argmax(-1))
     lengths = [int(target_ids.shape[0]) for _, target_ids in rows]
-    return [float(part.mean()) for part in token_logp.split(lengths)]
+    parts = zip(
+        ids.cpu().split(lengths),
+        torch.cat(token_logp).cpu().split(lengths),
+        torch.cat(predicted).cpu().split(lengths),
+        strict=True,
+    )
+    return [TargetTokens(i, lp, p) for i, lp, p in parts]
