@@ -64,6 +64,10 @@ from rome_lens.requests import EditRequest
 logger = logging.getLogger(__name__)
 
 _FIELDS = ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans")
+_SKIP_REASONS = {
+    "SubjectNotFoundError": "subject not in the question",
+    "RomeLensError": "missing or empty field",
+}
 
 
 @dataclass(frozen=True, repr=False)
@@ -178,7 +182,8 @@ def load_zsre(path: str | os.PathLike[str]) -> list[ZsreRecord]:
         try:
             records.append(parse_zsre(rec, index))
         except RomeLensError as exc:
-            skipped[type(exc).__name__] += 1
+            name = type(exc).__name__
+            skipped[_SKIP_REASONS.get(name, name)] += 1
             logger.debug("skipping zsRE record %d: %s", index, exc)
     if skipped:
         logger.warning(
