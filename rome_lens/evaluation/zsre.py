@@ -334,6 +334,7 @@ def score_zsre(
 
     Raises:
         ValueError: ``reference`` is not the scores of the same records.
+        PromptTooLongError: a question and its answer longer than the context window.
     """
     records = list(records)
     if reference is not None and [r.index for r in reference] != [r.index for r in records]:
