@@ -40,6 +40,7 @@ from rome_lens.errors import (
     PromptTooLongError,
     RomeLensError,
     SubjectNotFoundError,
+    UnsupportedModelError,
 )
 from rome_lens.methods import (
     AlphaEditHyperParams,
@@ -86,6 +87,7 @@ __all__ = [
     "RomeHyperParams",
     "RomeLensError",
     "SubjectNotFoundError",
+    "UnsupportedModelError",
     "activation_patch",
     "applied_edits",
     "available_methods",

@@ -42,3 +42,10 @@ class FingerprintMismatchError(EditStateError):
 
 class CorruptEditFileError(RomeLensError):
     """A saved edit file fails its checksum or cannot be parsed."""
+
+
+class UnsupportedModelError(RomeLensError):
+    """A local checkpoint is of an architecture rome_lens cannot load (or lacks a tokenizer).
+
+    Raised after reading only the checkpoint's metadata, before any weight is read.
+    """

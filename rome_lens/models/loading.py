@@ -12,8 +12,13 @@ Other sources:
 
 * any TransformerLens model name (``"gpt2-xl"``, ...), loaded the usual way when its weights are
   available (locally cached or downloadable);
-* a local ``.gguf`` file or Hugging Face directory of a Llama- or Gemma-3-family model, wrapped
-  the same way as the default.
+* a local ``.gguf`` file or Hugging Face directory of the Llama, Gemma 2, Gemma 3 (text),
+  Qwen 2 / 2.5 or GPT-2 family, of any size (:mod:`rome_lens.models.local`). Its architecture is
+  read from its metadata first, so an unsupported one is refused at once, before any weight is
+  read. Checkpoints TransformerLens has a name for are loaded as that model; others get a
+  HookedTransformer built from the checkpoint's own configuration. A GGUF file's tokenizer is
+  the one in its metadata (as llama.cpp writes it) or, if it has none, the tokenizer files
+  (``tokenizer.json``, ...) in the same folder.
 
 ``load_model(api="bridge")`` returns a TransformerLens ``TransformerBridge`` around the
 transformers model instead (raw mode: Hugging Face weights, no weight processing; the
@@ -43,6 +48,8 @@ import torch
 from rome_lens._cache import atomic_dir, atomic_path, cache_dir
 from rome_lens._extras import require
 from rome_lens._typing import Model as HookedTransformer
+from rome_lens.models.local import checkpoint_family, family_of, load_tokenizer
+from rome_lens.models.local import hooked as derived
 from rome_lens.models.speed import install_fast_mlp
 
 logger = logging.getLogger(__name__)
@@ -68,8 +75,9 @@ def load_model(
             Hugging Face model directory; or any TransformerLens model name.
         device: torch device for the weights.
         dtype: floating-point type of the weights.
-        tl_name: TransformerLens architecture name to use for a local file or directory
-            (default: read from the file, e.g. ``"google/gemma-3-270m"``).
+        tl_name: TransformerLens model name whose architecture a local file or directory has
+            (default: the name TransformerLens has for the checkpoint's size, e.g.
+            ``"google/gemma-3-270m"``, or else a config derived from the checkpoint).
         api: ``"hooked"`` for a HookedTransformer (TransformerLens 3.9), ``"bridge"`` for a
             TransformerBridge in raw mode (TransformerLens 3.9 and 4.x; Hugging Face weights),
             ``"auto"`` (default) for ``"hooked"`` where the installed TransformerLens has
@@ -84,6 +92,8 @@ def load_model(
 
     Raises:
         FileNotFoundError: a path that does not exist.
+        UnsupportedModelError: a local checkpoint of an unsupported architecture (found from
+            its metadata, before any weight is read), or a GGUF file without a tokenizer.
 
     Example:
         >>> model = load_model()                      # doctest: +SKIP
@@ -144,6 +154,7 @@ def _load_bridge(
         source = Path(name).expanduser()
         if not source.exists():
             raise FileNotFoundError(f"no model file or directory at {source}")
+        checkpoint_family(source)  # refuses an unsupported architecture before reading weights
         key = _sha256_file(source) if source.is_file() else ""
     else:
         from transformer_lens.model_bridge import TransformerBridge
@@ -180,8 +191,8 @@ def _boot_bridge(
     from transformer_lens.model_bridge import TransformerBridge
 
     arch = list(getattr(hf_model.config, "architectures", None) or [])
-    if not arch and str(getattr(hf_model.config, "model_type", "")).startswith("gemma3"):
-        arch = ["Gemma3ForCausalLM"]  # GGUF-loaded Gemma 3 configs name no architecture
+    if not arch:  # GGUF-loaded configs name no architecture; the family table does
+        arch = [family_of(model_type=str(hf_model.config.model_type)).tl_architecture]
     overrides = {"architectures": arch} if arch else None
     bridge: Any = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype,
@@ -224,6 +235,7 @@ def _load_embedded(device: str | torch.device, dtype: torch.dtype) -> HookedTran
 def _load_local(
     path: Path, tl_name: str | None, device: str | torch.device, dtype: torch.dtype
 ) -> HookedTransformer:
+    checkpoint_family(path)  # refuses an unsupported architecture before reading weights
     if path.is_file():
         key = _sha256_file(path)
     else:
@@ -242,40 +254,62 @@ def _load_cached_conversion(
     device: str | torch.device,
     dtype: torch.dtype,
 ) -> HookedTransformer:
-    """Convert ``source`` once, cache the TransformerLens weights, reuse them afterwards."""
+    """Convert ``source`` once, cache the TransformerLens weights, reuse them afterwards.
+
+    ``meta.json`` records how to rebuild the model: a TransformerLens name (``tl_name``) or the
+    config fields derived from the checkpoint (``cfg``).
+    """
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     entry = cache_dir("models") / f"{key[:24]}-v{_FORMAT_VERSION}"
-    meta_path = entry / "meta.json"
-    if not meta_path.exists():
-        logger.info("converting %s to a HookedTransformer (one-time, ~1 min)", source)
-        hf_model, tokenizer, arch_name = _load_transformers(source)
-        tl_name = tl_name or arch_name
-        from transformer_lens import HookedTransformer as _HookedTransformer
-
-        model = _HookedTransformer.from_pretrained_no_processing(
-            tl_name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=torch.float32
-        )
-        with atomic_dir(entry) as tmp:
-            weights = {k: v.detach().contiguous() for k, v in model.named_parameters()}
-            save_file(weights, str(tmp / "model.safetensors"))
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            (tmp / "meta.json").write_text(
-                json.dumps({"tl_name": tl_name, "source": str(source), "key": key})
-            )
-        del hf_model
-        return _place(model, device, dtype)
-
-    from transformer_lens import HookedTransformer as _HookedTransformer
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
-
-    meta = json.loads(meta_path.read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
-    cfg = get_pretrained_model_config(meta["tl_name"], dtype=dtype, device=str(device))
-    model = _HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    _read_safetensors_into(entry / "model.safetensors", dict(model.named_parameters()), entry)
+    if (entry / "meta.json").exists():
+        return _place(_load_cached_entry(entry), device, dtype)
+    logger.info("converting %s to a HookedTransformer (one-time, ~1 min)", source)
+    model, tokenizer, recipe = _convert_to_hooked(source, tl_name)
+    with atomic_dir(entry) as tmp:
+        weights = {k: v.detach().contiguous() for k, v in model.named_parameters()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {**recipe, "source": str(source), "key": key}
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return _place(model, device, dtype)
+
+
+def _convert_to_hooked(
+    source: Path, tl_name: str | None
+) -> tuple[HookedTransformer, Any, dict[str, Any]]:
+    """A float32 CPU HookedTransformer of ``source``, its tokenizer, and how to rebuild it."""
+    hf_model, tokenizer, official = _load_transformers(source)
+    tl_name = tl_name or official
+    if tl_name is None:
+        family = family_of(model_type=str(hf_model.config.model_type))
+        logger.info("TransformerLens has no name for %s: deriving its config", source)
+        model, fields = derived.convert(hf_model, tokenizer, family, source.stem or source.name)
+        return model, tokenizer, {"cfg": fields}
+    from transformer_lens import HookedTransformer as _HookedTransformer
+
+    model = _HookedTransformer.from_pretrained_no_processing(
+        tl_name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=torch.float32
+    )
+    return model, tokenizer, {"tl_name": tl_name}
+
+
+def _load_cached_entry(entry: Path) -> HookedTransformer:
+    """The model saved in a cache entry, as float32 on the CPU."""
+    from transformers import AutoTokenizer
+
+    meta = json.loads((entry / "meta.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
+    if "cfg" in meta:
+        model = derived.empty_model(meta["cfg"], tokenizer, "cpu", torch.float32)
+    else:
+        from transformer_lens import HookedTransformer as _HookedTransformer
+        from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+        cfg = get_pretrained_model_config(meta["tl_name"], dtype=torch.float32, device="cpu")
+        model = _HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    _read_safetensors_into(entry / "model.safetensors", dict(model.named_parameters()), entry)
+    return model
 
 
 def _place(
@@ -317,9 +351,13 @@ def _read_safetensors_into(path: Path, params: dict[str, torch.nn.Parameter], en
                 raise RuntimeError(f"cached model file {path} is truncated at {name}")
 
 
-def _load_transformers(source: Path) -> tuple[Any, Any, str]:
-    """Load a GGUF file or HF directory with transformers, de-quantised to float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_transformers(source: Path) -> tuple[Any, Any, str | None]:
+    """Load a GGUF file or HF directory with transformers, de-quantised to float32.
+
+    Returns:
+        The model, its tokenizer, and TransformerLens's name for its architecture (or ``None``).
+    """
+    from transformers import AutoModelForCausalLM
 
     if source.is_file():
         require("gguf", "loading a GGUF file")
@@ -328,34 +366,32 @@ def _load_transformers(source: Path) -> tuple[Any, Any, str]:
     else:
         kwargs = {}
         folder = str(source)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    tokenizer = load_tokenizer(source)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     if hasattr(hf_model.config, "quantization_config"):
         # The GGUF tensors are already de-quantised; the leftover config confuses TransformerLens.
         del hf_model.config.quantization_config
-    arch = _architecture_name(hf_model.config)
-    return hf_model, tokenizer, arch
+    return hf_model, tokenizer, _architecture_name(hf_model.config)
 
 
-def _architecture_name(config: Any) -> str:
-    """TransformerLens name for a transformers config of a supported family."""
+# Checkpoints of these families and sizes load as the TransformerLens model of that name.
+_OFFICIAL_NAMES: dict[tuple[str, int, int], str] = {
+    ("gemma3_text", 640, 18): "google/gemma-3-270m",
+    ("gemma3_text", 1152, 26): "google/gemma-3-1b-pt",
+    ("llama", 2048, 16): "meta-llama/Llama-3.2-1B",
+    ("llama", 3072, 28): "meta-llama/Llama-3.2-3B",
+    ("llama", 4096, 32): "meta-llama/Llama-3.1-8B",
+}
+
+
+def _architecture_name(config: Any) -> str | None:
+    """TransformerLens name for a transformers config of a known size, else ``None``."""
     model_type = str(getattr(config, "model_type", ""))
+    if model_type == "gemma3":
+        model_type = "gemma3_text"
     hidden = int(getattr(config, "hidden_size", 0))
     layers = int(getattr(config, "num_hidden_layers", 0))
-    gemma3 = {(640, 18): "google/gemma-3-270m", (1152, 26): "google/gemma-3-1b-pt"}
-    if model_type.startswith("gemma3") and (hidden, layers) in gemma3:
-        return gemma3[(hidden, layers)]
-    llama = {
-        (2048, 16): "meta-llama/Llama-3.2-1B",
-        (3072, 28): "meta-llama/Llama-3.2-3B",
-        (4096, 32): "meta-llama/Llama-3.1-8B",
-    }
-    if model_type == "llama" and (hidden, layers) in llama:
-        return llama[(hidden, layers)]
-    raise ValueError(
-        f"cannot tell the TransformerLens architecture of a {model_type!r} model with "
-        f"hidden size {hidden} and {layers} layers; pass tl_name=..."
-    )
+    return _OFFICIAL_NAMES.get((model_type, hidden, layers))
 
 
 def _sha256_file(path: Path) -> str:
