@@ -1,8 +1,9 @@
 """One editor interface: :func:`compute_edit` dispatches to a registry of editing methods.
 
 Every method is a function ``fn(model, requests, **options) -> Edit`` that never modifies the
-model. Built in: ``"rome"`` (:func:`rome_lens.rome.compute_rome_edit`) and ``"ft-l"``
-(:func:`rome_lens.methods.ft_l.compute_ft_l`). A new method is one module with such a function
+model. Built in: ``"rome"`` (:func:`rome_lens.rome.compute_rome_edit`), ``"ft-l"``
+(:func:`rome_lens.methods.ft_l.compute_ft_l`), ``"memit"`` (:func:`compute_memit`) and
+``"alphaedit"`` (:func:`compute_alphaedit`). A new method is one module with such a function
 and one :func:`register_method` call (or one line in ``_BUILTIN``).
 
 Example:
@@ -18,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,12 +117,23 @@ def compute_edit(
     """
     spec = get_method(method)
     batch = check_requests(requests)
-    try:
-        return spec.compute(model, batch, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise InvalidRequestError(f"method {method!r}: {exc}") from exc
-        raise
+    _check_options(spec, options)
+    return spec.compute(model, batch, **options)
+
+
+def _check_options(spec: EditMethod, options: dict[str, Any]) -> None:
+    """Refuse options the method's function does not take (before anything is computed)."""
+    params = inspect.signature(spec.compute).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    accepted = accepted[2:]  # after (model, requests)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise InvalidRequestError(
+            f"method {spec.name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted) or 'none'}"
+        )
 
 
 _BUILTIN: tuple[tuple[str, EditFunction, str], ...] = (

@@ -278,7 +278,7 @@ def test_compute_edit_dispatches_and_refuses_bad_calls(model, hparams) -> None:
     assert {"rome", "ft-l"} <= set(rome_lens.available_methods())
     with pytest.raises(InvalidRequestError, match="unknown editing method 'memitt'"):
         rome_lens.compute_edit(model, REQUEST, method="memitt")
-    with pytest.raises(InvalidRequestError, match="layr"):
+    with pytest.raises(InvalidRequestError, match="not take option.s. layr; it takes: .*layer"):
         rome_lens.compute_edit(model, REQUEST, layr=1)
     clash = EditRequest("{} lives in", "Alice Smith", "Berlin", "Rome")
     with pytest.raises(InvalidRequestError, match="conflicting"):
@@ -288,6 +288,18 @@ def test_compute_edit_dispatches_and_refuses_bad_calls(model, hparams) -> None:
     ft = rome_lens.compute_edit(model, REQUEST, method="ft-l", layer=1)
     assert ft.method == "ft-l" and isinstance(ft.sites[0], DenseSite)
     assert access.parameters_checksum(model) == before
+
+
+def test_a_type_error_inside_a_method_is_not_mistaken_for_a_bad_option(model) -> None:
+    def broken(model, requests, **options):
+        raise TypeError("f() got an unexpected keyword argument 'x'")  # an internal bug
+
+    rome_lens.register_method("broken", broken, replace=True)
+    try:
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            rome_lens.compute_edit(model, REQUEST, method="broken", anything=1)
+    finally:
+        rome_lens.methods._METHODS.pop("broken")
 
 
 def test_rome_with_two_requests_is_two_rank_one_updates(model, hparams) -> None:
