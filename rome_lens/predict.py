@@ -136,7 +136,8 @@ def target_token_scores(
     """Per-token log-probabilities and argmax predictions of many ``(prompt, target)`` pairs.
 
     Each pair is tokenised as :func:`target_logprob` does (the prompt with BOS, the target
-    without), teacher-forced as one right-padded row, and only the rows that predict a
+    without) and teacher-forced in a right-padded row (pairs of one prompt share a row where
+    the tokens fed are the same, e.g. one-token targets), and only the rows that predict a
     target token are decoded: the unembedding of a 262k vocabulary at every position would cost
     more than the forward pass. Pairs are sorted by length so that a batch holds rows of
     similar length; the attention mask keeps padding out of every real position.
@@ -165,20 +166,27 @@ def target_token_scores(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     unique = list(dict.fromkeys(pairs))
-    rows = _tokenise_pairs(model, unique)
+    rows, reads = _share_rows(_tokenise_pairs(model, unique))
     order = sorted(range(len(rows)), key=lambda i: -_row_length(rows[i]))
+    by_row: dict[int, list[int]] = {}
+    for pair, (row, _) in enumerate(reads):
+        by_row.setdefault(row, []).append(pair)
     values: dict[int, TargetTokens] = {}
-    with tqdm(total=len(rows), desc="target log-probs", unit="pair", disable=not progress) as bar:
+    with tqdm(total=len(unique), desc="target log-probs", unit="pair", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            scores = _batch_token_scores(model, [rows[i] for i in chunk], batch_size)
-            values.update(zip(chunk, scores, strict=True))
-            bar.update(len(chunk))
+            pair_ids = [p for r in chunk for p in by_row[r]]
+            local = {r: b for b, r in enumerate(chunk)}
+            batch_reads = [(local[reads[p][0]], reads[p][1]) for p in pair_ids]
+            scores = _batch_token_scores(model, [rows[i] for i in chunk], batch_reads, batch_size)
+            values.update(zip(pair_ids, scores, strict=True))
+            bar.update(len(pair_ids))
     index = {pair: i for i, pair in enumerate(unique)}
     return [values[index[pair]] for pair in pairs]
 
 
 _Row = tuple[Int[torch.Tensor, " prompt"], Int[torch.Tensor, " target"]]
+_Read = tuple[int, Int[torch.Tensor, " target"]]
 
 
 def _row_length(row: _Row) -> int:
@@ -199,13 +207,44 @@ def _tokenise_pairs(model: Model, pairs: Sequence[tuple[str, str]]) -> list[_Row
     return rows
 
 
+def _share_rows(pairs: list[_Row]) -> tuple[list[_Row], list[_Read]]:
+    """Rows to run and, per pair, ``(row, target ids)`` to read from it.
+
+    A pair's target ``t`` is read from a row of the same prompt whose target starts with
+    ``t[:-1]``: the row feeds the same tokens up to the last position that predicts ``t``, so
+    the residuals there are the pair's own (a one-token target is read from any row of its
+    prompt). Longer targets are placed first, so CounterFact's ``(prompt, new)`` and
+    ``(prompt, true)`` pairs with one-token targets share one forward row.
+    """
+    rows: list[_Row] = []
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    reads: list[_Read | None] = [None] * len(pairs)
+    for i in sorted(range(len(pairs)), key=lambda i: -int(pairs[i][1].shape[0])):
+        prompt_ids, target_ids = pairs[i]
+        head = target_ids[:-1]
+        key = tuple(prompt_ids.tolist())
+        for r in by_prompt.get(key, []):
+            if torch.equal(rows[r][1][: head.shape[0]], head):  # shorter rows: shapes differ
+                reads[i] = (r, target_ids)
+                break
+        else:
+            by_prompt.setdefault(key, []).append(len(rows))
+            reads[i] = (len(rows), target_ids)
+            rows.append(pairs[i])
+    return rows, [read for read in reads if read is not None]
+
+
 @torch.no_grad()
-def _batch_token_scores(model: Model, rows: list[_Row], decode_rows: int) -> list[TargetTokens]:
-    """Per-token scores of each row's target, from one right-padded forward pass.
+def _batch_token_scores(
+    model: Model, rows: list[_Row], reads: list[_Read], decode_rows: int
+) -> list[TargetTokens]:
+    """Per-token scores of each read ``(row in rows, target ids)`` from one padded forward.
 
     Args:
         model: the model.
-        rows: ``(prompt ids, target ids)`` of each row.
+        rows: ``(prompt ids, target ids)`` of each row run.
+        reads: the targets read, each from the row whose index it gives (its target ids are
+            those of the row up to the read's last token, see :func:`_share_rows`).
         decode_rows: most residual vectors unembedded at once (bounds the
             ``[rows, d_vocab]`` logits).
     """
@@ -215,25 +254,26 @@ def _batch_token_scores(model: Model, rows: list[_Row], decode_rows: int) -> lis
     # real position comes after it.
     tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     mask = torch.zeros_like(tokens)
-    row_index, positions, targets = [], [], []
     for i, (prompt_ids, target_ids) in enumerate(rows):
         n, t = int(prompt_ids.shape[0]), int(target_ids.shape[0])
         tokens[i, :n] = prompt_ids
         tokens[i, n : n + t] = target_ids
         mask[i, : n + t] = 1
+    row_index, positions = [], []
+    for i, target_ids in reads:
+        n, t = int(rows[i][0].shape[0]), int(target_ids.shape[0])
         # The residual at position p predicts token p + 1: the target's rows start one early.
         row_index.append(torch.full((t,), i, dtype=torch.long, device=device))
         positions.append(torch.arange(n - 1, n - 1 + t, device=device))
-        targets.append(target_ids)
     resid = access.final_residual(model, tokens, attention_mask=mask)
     wanted = resid[torch.cat(row_index), torch.cat(positions)]
-    ids = torch.cat(targets)
+    ids = torch.cat([target_ids.to(device) for _, target_ids in reads])
     token_logp, predicted = [], []
     for s in range(0, ids.shape[0], decode_rows):
         logp = access.decode_residual(model, wanted[s : s + decode_rows]).log_softmax(-1)
         token_logp.append(logp.gather(-1, ids[s : s + decode_rows, None])[:, 0])
         predicted.append(logp.argmax(-1))
-    lengths = [int(target_ids.shape[0]) for _, target_ids in rows]
+    lengths = [int(target_ids.shape[0]) for _, target_ids in reads]
     parts = zip(
         ids.cpu().split(lengths),
         torch.cat(token_logp).cpu().split(lengths),

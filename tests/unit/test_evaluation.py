@@ -282,6 +282,33 @@ def test_target_logprobs_matches_target_logprob_in_any_batch(model) -> None:
     assert got[1] == got[4]  # a repeated pair is one row
 
 
+def test_pairs_of_one_prompt_share_forward_rows(model, monkeypatch) -> None:
+    import rome_lens.predict as predict
+
+    prompt = "The mother tongue of Carol Jean Smith is"
+    targets = ["French", "Swedish language", "Swedish", "Swedish language of Sweden", "Rome"]
+    pairs = [(prompt, t) for t in targets]
+    pairs += [("Alice lives in", "Rome"), ("Alice lives in", "Oslo")]
+    lengths = {t: len(predict.target_tokens(model, t)) for t in targets}
+    run_rows: list[int] = []
+    real = predict.access.final_residual
+
+    def counting(model, tokens, **kwargs):
+        run_rows.append(int(tokens.shape[0]))
+        return real(model, tokens, **kwargs)
+
+    monkeypatch.setattr(predict.access, "final_residual", counting)
+    got = predict.target_token_scores(model, pairs, batch_size=64)
+    for (p, t), score in zip(pairs, got, strict=True):
+        assert score.mean_logprob == pytest.approx(target_logprob(model, p, t), abs=1e-5)
+        assert score.ids.tolist() == predict.target_tokens(model, t).tolist()
+    # one-token targets ride on any row of their prompt; a target whose head is another's
+    # prefix rides on that row: fewer rows than pairs, never fewer than the distinct heads
+    heads = {tuple(predict.target_tokens(model, t)[:-1].tolist()) for t in targets
+             if lengths[t] > 1}
+    assert len(heads) <= run_rows[0] < len(pairs)
+
+
 def test_target_logprobs_bad_arguments(model) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         target_logprobs(model, [("Alice lives in", "Rome")], batch_size=0)
