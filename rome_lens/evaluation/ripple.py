@@ -45,8 +45,8 @@ Example:
     >>> read_cases(tmp / "cases.jsonl") == cases
     True
     >>> results = score_cases(model, cases, progress=False)   # with an edit applied: after
-    >>> sorted(summarize_ripple(results))
-    ['all', ...]
+    >>> summarize_ripple(results)["all"]
+    Accuracy(...)
 """
 
 from __future__ import annotations
