@@ -4,6 +4,10 @@
   ROME paper's pairwise comparisons of mean token log-probabilities.
 * :mod:`rome_lens.evaluation.zsre`: zsRE in the MEND layout (Reliability / Generalisation /
   Locality as teacher-forced token accuracy, MEND and EasyEdit's convention).
+* :mod:`rome_lens.evaluation.ripple`: RippleEdits' criteria (Compositionality I, subject
+  aliasing, relation specificity, preservation, forgetfulness) built for CounterFact edits from
+  the unedited model's knowledge; :mod:`rome_lens.evaluation.relations` is the table of
+  CounterFact relations and second hops they use.
 
 Every public name of the dataset modules is importable from here
 (``from rome_lens.evaluation import score_records``), as it was when evaluation was one module.
@@ -24,6 +28,33 @@ from rome_lens.evaluation.counterfact import (
     score_records,
     summarize,
 )
+from rome_lens.evaluation.relations import (
+    RELATIONS,
+    SECOND_HOPS,
+    Relation,
+    SecondHop,
+    assign_relations,
+    hops_from,
+    relation_objects,
+    relations_of_template,
+)
+from rome_lens.evaluation.ripple import (
+    CRITERIA,
+    Accuracy,
+    CaseResult,
+    Hop,
+    Query,
+    RippleCase,
+    RippleData,
+    bootstrap_ci,
+    build_cases,
+    index_records,
+    read_answers,
+    read_cases,
+    score_cases,
+    summarize_ripple,
+    write_cases,
+)
 from rome_lens.evaluation.zsre import (
     ZsreRecord,
     ZsreScores,
@@ -39,14 +70,30 @@ from rome_lens.evaluation.zsre import (
 )
 
 __all__ = [
+    "Accuracy",
+    "CRITERIA",
+    "CaseResult",
     "CounterFactRecord",
+    "Hop",
+    "Query",
+    "RELATIONS",
     "RecordScores",
+    "Relation",
+    "RippleCase",
+    "RippleData",
+    "SECOND_HOPS",
+    "SecondHop",
     "ZsreRecord",
     "ZsreScores",
     "answer_predictions",
+    "assign_relations",
+    "bootstrap_ci",
+    "build_cases",
     "evaluate_rome",
     "generation_metrics",
     "harmonic_mean",
+    "hops_from",
+    "index_records",
     "known_records",
     "load_counterfact",
     "load_zsre",
@@ -57,10 +104,17 @@ __all__ = [
     "parse_record",
     "parse_zsre",
     "prefers_new",
+    "read_answers",
+    "read_cases",
+    "relation_objects",
+    "relations_of_template",
+    "score_cases",
     "score_record",
     "score_records",
     "score_zsre",
     "summarize",
+    "summarize_ripple",
     "summarize_zsre",
     "token_accuracy",
+    "write_cases",
 ]
