@@ -46,7 +46,7 @@ class ScanConfig:
         dense_above: a base difference of higher rank becomes a dense reversal site.
     """
 
-    z_threshold: float = 8.0
+    z_threshold: float = 4.0
     z_floor: float = 0.1
     max_components: int = 4
     top_k: int = 10

@@ -64,7 +64,8 @@ def numerical_rank(
     """
     values = singular_values(delta)
     top_weight = float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
-    tol = rank_tolerance((int(delta.shape[0]), int(delta.shape[1])), weight.dtype, float(values[0]), top_weight)
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    tol = rank_tolerance(shape, weight.dtype, float(values[0]), top_weight)
     return int((values > tol).sum()), values
 
 
