@@ -133,7 +133,7 @@ def test_nothing_is_flagged_on_an_unedited_model(model) -> None:
 
 def test_the_blind_reversal_restores_a_planted_edit(model) -> None:
     base = _fresh(model)
-    edit = _planted(model, 1, 1, 1.0, seed=3, right=_value_direction(model, 1, "Z")).apply(model)
+    edit = _planted(model, 1, 1, 3.0, seed=3, right=_value_direction(model, 1, "Z")).apply(model)
     before = access.parameters_checksum(model)
     report = scan(model, use_registry=False, probes=PROBES)
     assert access.parameters_checksum(model) == before  # scanning never changes the weights

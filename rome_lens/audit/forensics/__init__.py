@@ -7,9 +7,9 @@ alone; :mod:`.spectrum` holds the statistics, :mod:`.decode` the token and subje
 :mod:`.report` the values returned.
 
 Example:
-    >>> report = scan(model, candidates=["Alice Smith", "Bob Jones"])
-    >>> [(f.layer, f.rank, f.subject) for f in report.findings]
-    [(1, 1, 'Alice Smith')]
+    >>> report = scan(model, candidates=["Alice Smith", "Bob Jones"])   # an unedited model
+    >>> report
+    ScanReport(spectrum, 0 findings)
 """
 
 from rome_lens.audit.forensics.report import (

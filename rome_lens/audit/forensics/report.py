@@ -7,11 +7,13 @@ give :class:`Recovery` rows: what the model predicts edited, reversed and, when 
 known, unedited.
 
 Example:
-    >>> report = rome_lens.audit.scan(model)
+    >>> edit = rome_lens.compute_edit(model, request, hparams=hp, corpus=corpus).apply(model)
+    >>> report = rome_lens.audit.scan(model)            # base weights: the edit registry
     >>> report
-    ScanReport(base:registry, 1 finding: blocks.1.mlp.W_out rank 1 -> ' Paris' ...)
+    ScanReport(base:registry, 1 finding: blocks.1.mlp.W_out rank 1 -> ... 1.00)
     >>> report.to_dataframe().columns[:3].tolist()
     ['layer', 'weight', 'mode']
+    >>> rome_lens.revert_all(model)
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ class ScanConfig:
     Attributes:
         z_threshold: spectral outlier score (see
             :mod:`rome_lens.audit.forensics.spectrum`) at and above which a component of an MLP
-            output weight is flagged without base weights. Calibrated on tiny random models
-            (unedited: max z about 1-2; planted edits of 0.5x the weight's norm: z > 20); the
+            output weight is flagged without base weights. Set on tiny random models (3 and 6
+            layers, three architectures: unedited |z| < 1; a planted rank-one change of 0.5x
+            the weight's Frobenius norm z 5.5-6.6, of 1x z 12-13, of 0.3x z 1.7-3); the
             embedded model's calibration is ``benchmarks/forensics.py``.
         z_floor: smallest scale of the outlier score, in log units of singular values.
         max_components: components per finding decoded into tokens (rank-k changes).
         top_k: decoded object strings kept per component.
         subject_threshold: a candidate is named the subject when the change fires on its key
-            at least this many times as much as on a typical token's (median) key.
+            at least this many times as much as on a typical token's (median) key (tiny
+            models: the ROME edit's own subject 3.7-10, other subjects at most 1.6).
         n_subjects: candidates kept per finding, best first.
         dense_above: a base difference of higher rank becomes a dense reversal site.
     """
@@ -50,7 +54,7 @@ class ScanConfig:
     z_floor: float = 0.1
     max_components: int = 4
     top_k: int = 10
-    subject_threshold: float = 4.0
+    subject_threshold: float = 3.0
     n_subjects: int = 10
     dense_above: int = 64
 

@@ -16,13 +16,16 @@ Two modes, chosen by what is known about the unedited model:
   by the reversal (an :class:`~rome_lens.edits.Edit`, so it applies and reverts exactly).
 
 Example:
-    >>> edit = rome_lens.compute_edit(model, request).apply(model)
-    >>> report = scan(model, candidates=["Alice Smith", "Bob Jones"])   # base: the registry
-    >>> report.findings[0].layer, report.findings[0].rank, report.findings[0].subject
-    (1, 1, 'Alice Smith')
-    >>> blind = scan(model, use_registry=False, probes=[request.text])  # spectrum only
-    >>> with blind.reversal.applied(model):
-    ...     top = rome_lens.top_tokens(model, request.text, k=1)
+    >>> edit = rome_lens.compute_edit(model, request, hparams=hp, corpus=corpus).apply(model)
+    >>> report = scan(model, candidates=["Bob Jones", "Alice Smith"])   # base: the registry
+    >>> [(f.layer, f.rank, f.subjects[0][0]) for f in report.findings]
+    [(1, 1, 'Alice Smith')]
+    >>> report.findings[0].reversal            # applying it removes the change
+    Edit(forensic-reversal: 0 requests; blocks.1.mlp.W_out rank 1; after 1 edits; id ...)
+    >>> blind = scan(model, use_registry=False)     # the spectra alone
+    >>> blind.mode
+    'spectrum'
+    >>> rome_lens.revert_all(model)
 """
 
 from __future__ import annotations
