@@ -7,6 +7,8 @@ Commands:
 * ``rome-lens edit --prompt ... --subject ... --target-new ... [--save FILE] [--json]``: one
   edit, its effect on the prompt, optionally saved.
 * ``rome-lens trace "PROMPT" --subject S [--out trace.png] [--json]``: causal trace.
+* ``rome-lens scan [--model M] [--edit FILE ...] [--base M] [--candidates FILE] [--blind]
+  [--probe PROMPT ...] [--json] [--out scan.png]``: find, read and reverse edits in the weights.
 """
 
 from __future__ import annotations
@@ -233,6 +235,42 @@ def cmd_tuned_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_lines(path: str) -> list[str]:
+    """Non-empty lines of a text file (one candidate subject per line)."""
+    with open(path, encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Forensic scan of a model (with edits applied from files): findings, objects, subjects."""
+    import rome_lens
+    from rome_lens.audit import scan
+
+    model = rome_lens.load_model(args.model)
+    for path in args.edit or ():
+        rome_lens.load_edit(path, model).apply(model)
+    base = rome_lens.load_model(args.base) if args.base else None
+    candidates = _read_lines(args.candidates) if args.candidates else None
+    report = scan(model, base, candidates, probes=args.probe or None,
+                  use_registry=not args.blind)
+    if args.out:
+        report.plot(args.out)
+    if args.json:
+        _out(json.dumps(report.summary(), indent=1))
+        return 0
+    _out(f"{report.mode}: {len(report.findings)} finding(s); layer scores "
+         f"{[round(float(s), 1) for s in report.layer_scores]} (threshold {report.threshold})")
+    for finding in report.findings:
+        _out(f"  {finding.weight}: rank {finding.rank}, confidence {finding.confidence:.2f}, "
+             f"objects {list(finding.objects[:5])}, subject {finding.subject!r}")
+    for row in report.recovery:
+        _out(f"  probe {row.prompt!r}: {row.edited!r} -> {row.reversed!r} after the reversal"
+             + (f" (base {row.base!r})" if row.base is not None else ""))
+    if args.out:
+        _out(f"plot: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rome-lens``."""
     parser = argparse.ArgumentParser(prog="rome-lens", description=__doc__.split("\n")[0])
@@ -282,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", default=None, help="PNG file for the rank plot")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_probe)
+    scan = sub.add_parser("scan", help="find, read and reverse edits from the weights")
+    scan.add_argument("--model", default=None, help="model name or path (as load_model)")
+    scan.add_argument("--edit", action="append", help="apply this edit file first (repeatable)")
+    scan.add_argument("--base", default=None, help="the unedited model (name or path)")
+    scan.add_argument("--candidates", default=None, help="file of candidate subjects, one a line")
+    scan.add_argument("--blind", action="store_true",
+                      help="ignore the edit registry: read the spectra alone")
+    scan.add_argument("--probe", action="append", help="a prompt to check the reversal on")
+    scan.add_argument("--out", default=None, help="PNG file for the scan plot")
+    scan.add_argument("--json", action="store_true")
+    scan.set_defaults(func=cmd_scan)
     from rome_lens.audit.lens import TunedLensConfig
 
     lens_defaults = TunedLensConfig()

@@ -182,3 +182,37 @@ def probe_ranks(report: Any, path: str | None = None, prompt_kind: str = "edit")
         f"at layer {report.layer}: {report.verdict}",
         path,
     )
+
+
+def forensic_scan(report: Any, path: str | None = None) -> Any:
+    """A forensic scan: every layer's spectral outlier score, and each finding's spectrum.
+
+    Left: the outlier score of each MLP output weight's top component (bars; red where a finding
+    sits) against the threshold. Right: singular values of each finding's change (log scale).
+    """
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), squeeze=False)
+    scores = [float(s) for s in report.layer_scores]
+    flagged = set(report.layers)
+    colors = ["tab:red" if i in flagged else "tab:gray" for i in range(len(scores))]
+    ax = axes[0][0]
+    ax.bar(range(len(scores)), scores, color=colors)
+    ax.axhline(report.threshold, color="k", lw=0.8, ls="--", label="threshold")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("outlier score of the top component")
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    for finding in report.findings[:8]:
+        values = list(finding.singular_values)
+        if values:
+            label = f"{finding.weight}" + (f" -> {finding.objects[0]!r}" if finding.objects else "")
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("component")
+    ax.set_ylabel("singular value")
+    if report.findings:
+        ax.legend(fontsize=7)
+    n = len(report.findings)
+    return _finish(fig, f"forensic scan ({report.mode}): {n} finding{'' if n == 1 else 's'}",
+                   path)

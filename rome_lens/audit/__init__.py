@@ -1,8 +1,17 @@
 """Audit: does the original fact survive an edit? Lenses, probes, attacks, verdicts.
 
-And the health of a model under a sequence of edits (norms, fluency, disabling edits).
+And the health of a model under a sequence of edits (norms, fluency, disabling edits), and
+forensics: :func:`scan` finds, reads and reverses edits from the weights alone.
 """
 
+from rome_lens.audit.forensics import (
+    Component,
+    Finding,
+    Recovery,
+    ScanConfig,
+    ScanReport,
+    scan,
+)
 from rome_lens.audit.health import (
     DEFAULT_PROMPTS,
     EditHealth,
@@ -33,6 +42,12 @@ from rome_lens.audit.probe import (
 )
 
 __all__ = [
+    "Component",
+    "Finding",
+    "Recovery",
+    "ScanConfig",
+    "ScanReport",
+    "scan",
     "DEFAULT_PROMPTS",
     "EditHealth",
     "Fluency",

@@ -1,0 +1,111 @@
+"""Spectra of MLP output weights: numerical ranks of differences, and outlier scores.
+
+Two questions are answered from singular values alone.
+
+* **With the base weights**, how many independent directions does a change ``D = W' - W`` have?
+  Its *numerical rank* counts the singular values of ``D`` above the rounding noise of the
+  subtraction. Each entry of ``W' - W`` carries an error of at most ``eps * |w|``, so the noise
+  has a spectral norm below ``eps * ||W||_F <= eps * max(m, n) * s_1(W)``; the tolerance is
+  ``max(m, n) * eps * max(s_1(D), s_1(W'))`` (numpy's ``matrix_rank`` convention, applied to the
+  larger of the two matrices).
+* **Without them**, does a matrix carry a planted low-rank component? A rank-one edit
+  ``W + s u v^T`` whose norm is comparable to the matrix's adds a singular value that stands far
+  above the matrix's bulk. Every layer's spectrum is put on a common scale by its own *median*
+  singular value (robust to a few planted components), giving ``a[L, i] = log(s_i / median s)``.
+  A layer's top components are then compared with the OTHER layers' top component: the robust
+  z-score ``z[L, i] = (a[L, i] - median_M a[M, 1]) / max(1.4826 * MAD_M a[M, 1], floor)`` over
+  layers ``M != L`` (leave-one-out, so an edit cannot raise its own reference). Unedited layers
+  of one model have similar top-to-bulk ratios, a planted component makes one layer's ratio an
+  outlier; the ``floor`` keeps the score honest when the other layers agree almost exactly
+  (random matrices of one shape), so that a tiny excess is never a large z.
+
+Example:
+    >>> d = torch.outer(torch.ones(8), torch.ones(4))
+    >>> numerical_rank(d, torch.eye(8, 4))[0]
+    1
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+
+#: The consistency constant of the median absolute deviation for a Gaussian.
+MAD_TO_STD = 1.4826
+
+
+def singular_values(matrix: Float[torch.Tensor, "m n"]) -> Float[torch.Tensor, " k"]:
+    """Singular values of ``matrix`` in float32 (float64 for tiny matrices), descending."""
+    dtype = torch.float64 if matrix.numel() <= 1 << 16 else torch.float32
+    return torch.linalg.svdvals(matrix.detach().to(dtype)).float().cpu()
+
+
+def rank_tolerance(
+    shape: tuple[int, int], dtype: torch.dtype, top_delta: float, top_weight: float
+) -> float:
+    """Singular values of a difference at or below this are rounding noise (module docstring)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return max(shape) * eps * max(top_delta, top_weight)
+
+
+def numerical_rank(
+    delta: Float[torch.Tensor, "m n"], weight: Float[torch.Tensor, "m n"]
+) -> tuple[int, Float[torch.Tensor, " k"]]:
+    """Numerical rank of a change ``delta`` of ``weight`` (either side), and its singular values.
+
+    Args:
+        delta: the difference of two versions of a weight.
+        weight: one of the two versions (its norm sets the rounding noise of the subtraction).
+
+    Returns:
+        ``(rank, singular values of delta, descending)``.
+    """
+    values = singular_values(delta)
+    top_weight = float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    tol = rank_tolerance(shape, weight.dtype, float(values[0]), top_weight)
+    return int((values > tol).sum()), values
+
+
+def normalised_log_spectra(
+    spectra: Float[torch.Tensor, "layer k"],
+) -> Float[torch.Tensor, "layer k"]:
+    """``log(s_i / median_j s_j)`` of every layer's spectrum (the bulk of each layer at 0)."""
+    median = spectra.median(dim=1, keepdim=True).values.clamp_min(1e-30)
+    return torch.log(spectra.clamp_min(1e-30) / median)
+
+
+def outlier_scores(
+    spectra: Float[torch.Tensor, "layer k"], floor: float
+) -> Float[torch.Tensor, "layer k"]:
+    """Robust leave-one-out z-scores of every layer's components against the other layers' top.
+
+    Args:
+        spectra: singular values of each layer's matrix (same count per layer), descending.
+        floor: the smallest scale allowed (in log units): a z of 1 is at least this excess.
+
+    Returns:
+        ``z[L, i]`` as in the module docstring; all zeros when there is only one layer.
+    """
+    logs = normalised_log_spectra(spectra)
+    n_layers = logs.shape[0]
+    scores = torch.zeros_like(logs)
+    if n_layers < 2:
+        return scores
+    tops = logs[:, 0]
+    for layer in range(n_layers):
+        others = torch.cat([tops[:layer], tops[layer + 1:]])
+        centre = others.median()
+        spread = MAD_TO_STD * (others - centre).abs().median()
+        scale = max(float(spread), floor)
+        scores[layer] = (logs[layer] - centre) / scale
+    return scores
+
+
+def confidence_from_score(score: float, threshold: float) -> float:
+    """``1 - 2^(-score / threshold)``: 0.5 at the threshold, 0.75 at twice, 0.875 at 3x."""
+    if score <= 0:
+        return 0.0
+    return 1.0 - math.pow(2.0, -score / threshold)

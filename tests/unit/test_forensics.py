@@ -1,0 +1,208 @@
+"""Edit forensics on tiny models: planted and ROME edits found, read and reversed from weights.
+
+Every test runs on the three tiny models of the ``model`` fixture (GPT-2 and Gemma layouts as
+HookedTransformers, and a Gemma 3 TransformerBridge), so both model APIs are covered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _support import cached_edit, model_kind
+from tiny import tiny_model
+
+import rome_lens
+from rome_lens import Edit, EditRequest, LowRankSite, base_fingerprint, base_weights
+from rome_lens.audit import ScanReport, scan
+from rome_lens.cli import main
+from rome_lens.errors import InvalidRequestError
+from rome_lens.models import access
+from rome_lens.statistics import context_templates
+
+REQUEST = EditRequest("{} lives in", "Alice Smith", "Paris", "Rome")
+OTHERS = ["Bob Jones", "Carol King", "Dave Brown", "Eve Adams"]
+PROBES = ["Bob Jones lives in", "The quick brown fox", "Pack my box with", "Alice Smith"]
+
+
+def _fresh(model):
+    """An unedited copy of a conftest tiny model (same seed, same weights)."""
+    return tiny_model(model_kind(model))
+
+
+def _value_direction(model, layer: int, token: str) -> torch.Tensor:
+    """A raw MLP output direction of ``layer`` that the logit lens reads as ``token`` (Adam on
+    its log-probability through the post-MLP norm, the final norm and the unembedding)."""
+    target = int(model.to_tokens(token, prepend_bos=False)[0, 0])
+    gen = torch.Generator().manual_seed(1)
+    r = (0.1 * torch.randn(int(model.cfg.d_model), generator=gen)).requires_grad_(True)
+    optimiser = torch.optim.Adam([r], lr=0.1)
+    norm = access.post_mlp(model, layer)
+    for _ in range(60):
+        x = norm(r[None, None])[0, 0] if norm is not None else r
+        loss = -access.decode_residual(model, x[None])[0].log_softmax(-1)[target]
+        (grad,) = torch.autograd.grad(loss, r)
+        r.grad = grad
+        optimiser.step()
+    return r.detach() / r.detach().norm()
+
+
+def _planted(model, layer: int, rank: int, scale: float, seed: int,
+             right: torch.Tensor | None = None) -> Edit:
+    """A rank-``rank`` change of ``W_out`` of ``layer`` of norm ``scale`` x the weight's."""
+    with base_weights(model):
+        weight = access.read_mlp_out(model, layer)
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(weight.shape[0], rank, generator=gen)
+    if right is None:
+        right = torch.randn(rank, weight.shape[1], generator=gen)
+    right = right.reshape(rank, -1)
+    left *= scale * float(weight.norm()) / float((left @ right).norm())
+    return Edit(sites=(LowRankSite(layer, left, right),), requests=(), method="planted",
+                hparams={"seed": seed}, base_fingerprint=base_fingerprint(model))
+
+
+def _state_dict(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_planted_rank_one_and_rank_k_edits_are_found_exactly_with_the_base(model) -> None:
+    one = _planted(model, 1, 1, 0.05, seed=0).apply(model)
+    three = _planted(model, 2, 3, 0.05, seed=1).apply(model)
+    bases = [None, _fresh(model), _state_dict(_fresh(model))]
+    for base, mode in zip(bases, ["base:registry", "base:model", "base:state_dict"], strict=True):
+        report = scan(model, base)
+        assert report.mode == mode
+        assert [(f.layer, f.weight, f.rank, f.confidence) for f in report.findings] == [
+            (1, "blocks.1.mlp.W_out", 1, 1.0), (2, "blocks.2.mlp.W_out", 3, 1.0)]
+        for finding, edit in zip(report.findings, (one, three), strict=True):
+            expected = torch.linalg.svdvals(edit.sites[0].delta().double())[: finding.rank]
+            assert torch.allclose(torch.tensor(finding.singular_values).double(), expected,
+                                  rtol=1e-4)
+            assert finding.relative_norm == pytest.approx(0.05, rel=1e-3)
+            assert finding.reversal is not None and finding.reversal.sites[0].rank == finding.rank
+    # small planted edits hide in the spectrum: nothing is inferred without the base
+    assert scan(model, use_registry=False).findings == ()
+
+
+def test_the_new_object_is_decoded_with_and_without_the_base(model) -> None:
+    direction = _value_direction(model, 1, "Z")
+    _planted(model, 1, 1, 1.0, seed=2, right=direction).apply(model)
+    with_base = scan(model)
+    blind = scan(model, use_registry=False)
+    for report in (with_base, blind):
+        (finding,) = report.findings
+        assert (finding.layer, finding.rank) == (1, 1)
+        assert finding.objects[0] == "Z"
+        assert finding.components[0].objects[0] == "Z"
+    assert blind.findings[0].score > 2 * blind.threshold
+    assert 0.5 < blind.findings[0].confidence < 1.0
+    assert blind.layer_scores.argmax() == 1
+
+
+def test_the_subject_is_named_from_a_candidate_list(model, hparams) -> None:
+    cached_edit(model, REQUEST, 1, hparams).apply(model)
+    templates = context_templates(model, hparams)
+    report = scan(model, candidates=[*OTHERS[:2], "Alice Smith", *OTHERS[2:]],
+                  templates=templates)
+    (finding,) = report.findings
+    assert (finding.layer, finding.rank, finding.subject) == (1, 1, "Alice Smith")
+    assert finding.subjects[0][1] > 2.5 * finding.subjects[1][1]
+    assert len(finding.objects) == 10
+    # without the edited subject among the candidates, no subject is named
+    assert scan(model, candidates=OTHERS, templates=templates).findings[0].subject is None
+    # ROME's k* is the candidate key at the same templates: the edit fires on it by ||right||
+    scaled = finding.components[0].left * finding.singular_values[0]
+    edit = rome_lens.applied_edits(model)[0]
+    fired = abs(float(edit.k_star.reshape(-1).float() @ scaled))
+    assert fired == pytest.approx(float(edit.right.norm()), rel=1e-3)
+
+
+def test_nothing_is_flagged_on_an_unedited_model(model) -> None:
+    report = scan(model, candidates=["Alice Smith"], probes=PROBES)
+    assert report.mode == "spectrum" and report.findings == () and report.reversal is None
+    assert float(report.layer_scores.abs().max()) < report.threshold / 2
+    assert scan(model, _fresh(model)).findings == ()
+    assert scan(model, _state_dict(model)).findings == ()
+    for seed in (1, 2):  # deeper models, other seeds
+        deeper = tiny_model(model_kind(model), seed=seed, n_layers=6)
+        assert float(scan(deeper).layer_scores.max()) < scan(deeper).threshold / 2
+
+
+def test_the_blind_reversal_restores_a_planted_edit(model) -> None:
+    base = _fresh(model)
+    edit = _planted(model, 1, 1, 3.0, seed=3, right=_value_direction(model, 1, "Z")).apply(model)
+    before = access.parameters_checksum(model)
+    report = scan(model, use_registry=False, probes=PROBES)
+    assert access.parameters_checksum(model) == before  # scanning never changes the weights
+    assert any(r.edited != r.base for r in report.recovery)  # the edit changed predictions
+    assert all(r.restored for r in report.recovery)
+    assert min(r.fraction for r in report.recovery if r.fraction is not None) > 0.8
+    assert report.reversal is not None
+    with report.reversal.applied(model):
+        for prompt in PROBES:
+            assert rome_lens.top_tokens(model, prompt, 1)[0][0] == \
+                rome_lens.top_tokens(base, prompt, 1)[0][0]
+    edit.revert(model)
+    assert access.parameters_checksum(model) == access.parameters_checksum(base)
+
+
+def test_a_rome_edit_is_found_and_reversed_with_the_base(model, hparams) -> None:
+    edit = cached_edit(model, REQUEST, 1, hparams).apply(model)
+    report = scan(model, probes=[REQUEST.text, *PROBES[:2]])
+    (finding,) = report.findings
+    assert (finding.layer, finding.rank) == (1, 1)
+    assert finding.relative_norm == pytest.approx(
+        float(edit.delta().norm() / access.read_mlp_out(_fresh(model), 1).norm()), rel=1e-3)
+    assert all(r.restored and r.fraction > 0.99 for r in report.recovery
+               if r.fraction is not None)
+    # Without the base: on random 3-layer models a default tiny ROME edit (8 value steps, 8-24%
+    # of ||W||) does not stand out of the spectrum; nothing is claimed then.
+    blind = scan(model, use_registry=False)
+    assert all(f.layer == 1 for f in blind.findings)
+
+
+def test_report_values_repr_dataframe_plot_and_summary(model, tmp_path: Path) -> None:
+    _planted(model, 1, 1, 1.0, seed=2, right=_value_direction(model, 1, "Z")).apply(model)
+    report = scan(model, candidates=["Alice Smith", "Bob Jones"], probes=PROBES[:2])
+    assert isinstance(report, ScanReport)
+    for text in (repr(report), repr(report.findings[0]), repr(report.findings[0].components[0])):
+        assert "tensor" not in text and len(text.splitlines()) == 1 and len(text) <= 300
+    assert "blocks.1.mlp.W_out rank 1 -> 'Z'" in repr(report)
+    frame = report.to_dataframe()
+    assert frame.loc[0, "layer"] == 1 and frame.loc[0, "objects"][0] == "Z"
+    report.plot(str(tmp_path / "scan.png"))
+    assert (tmp_path / "scan.png").stat().st_size > 1000
+    json.dumps(report.summary())
+    assert report.layers == (1,)
+
+
+def test_bad_bases_and_candidates_are_refused(model) -> None:
+    with pytest.raises(InvalidRequestError, match="no"):
+        scan(model, {"nothing": torch.zeros(1)})
+    with pytest.raises(InvalidRequestError, match="candidates"):
+        scan(model, candidates="Alice Smith")
+    with pytest.raises(InvalidRequestError, match="layers"):
+        scan(model, tiny_model(model_kind(model), n_layers=2))
+
+
+def test_cli_scan_reads_edit_files_and_prints_json(
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edit = _planted(model, 1, 1, 1.0, seed=2, right=_value_direction(model, 1, "Z"))
+    path = edit.save(tmp_path / "planted.safetensors")
+    (tmp_path / "subjects.txt").write_text("Alice Smith\nBob Jones\n")
+    monkeypatch.setattr(rome_lens, "load_model", lambda name=None: model)
+    args = ["scan", "--edit", str(path), "--candidates", str(tmp_path / "subjects.txt"),
+            "--out", str(tmp_path / "scan.png"), "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "base:registry"
+    assert [(f["layer"], f["rank"]) for f in summary["findings"]] == [(1, 1)]
+    assert (tmp_path / "scan.png").exists()
+    rome_lens.revert_all(model)
+    assert main(["scan", "--edit", str(path), "--blind", "--probe", PROBES[0]]) == 0
+    out = capsys.readouterr().out
+    assert "spectrum: 1 finding" in out and "blocks.1.mlp.W_out" in out
