@@ -7,7 +7,8 @@
 * :mod:`rome_lens.evaluation.ripple`: RippleEdits' criteria (Compositionality I, subject
   aliasing, relation specificity, preservation, forgetfulness) built for CounterFact edits from
   the unedited model's knowledge; :mod:`rome_lens.evaluation.relations` is the table of
-  CounterFact relations and second hops they use.
+  CounterFact relations and second hops they use; :mod:`rome_lens.evaluation.stats` the 2x2
+  tables and odds ratios that relate an edit's probe verdict to its ripple failures.
 
 Every public name of the dataset modules is importable from here
 (``from rome_lens.evaluation import score_records``), as it was when evaluation was one module.
@@ -55,6 +56,14 @@ from rome_lens.evaluation.ripple import (
     summarize_ripple,
     write_cases,
 )
+from rome_lens.evaluation.stats import (
+    ContingencyTable,
+    OddsRatio,
+    fisher_exact,
+    odds_ratio,
+    odds_ratio_test,
+    rank_auc,
+)
 from rome_lens.evaluation.zsre import (
     ZsreRecord,
     ZsreScores,
@@ -73,8 +82,10 @@ __all__ = [
     "Accuracy",
     "CRITERIA",
     "CaseResult",
+    "ContingencyTable",
     "CounterFactRecord",
     "Hop",
+    "OddsRatio",
     "Query",
     "RELATIONS",
     "RecordScores",
@@ -90,6 +101,7 @@ __all__ = [
     "bootstrap_ci",
     "build_cases",
     "evaluate_rome",
+    "fisher_exact",
     "generation_metrics",
     "harmonic_mean",
     "hops_from",
@@ -100,10 +112,13 @@ __all__ = [
     "locality",
     "locate_subject",
     "n_gram_entropy",
+    "odds_ratio",
+    "odds_ratio_test",
     "pairwise_success",
     "parse_record",
     "parse_zsre",
     "prefers_new",
+    "rank_auc",
     "read_answers",
     "read_cases",
     "relation_objects",

@@ -57,7 +57,7 @@ import math
 import os
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +309,7 @@ def build_cases(
     n_distractors: int = 3,
     batch_size: int = 64,
     progress: bool = True,
+    answers: MutableMapping[Query, str] | None = None,
 ) -> list[RippleCase]:
     """Ripple cases of the edits of ``records``, kept by what the UNEDITED ``model`` knows.
 
@@ -327,6 +328,10 @@ def build_cases(
         n_distractors: other objects of the relation a forgetfulness case ranks ``o`` against.
         batch_size: rows per forward pass.
         progress: show a progress bar.
+        answers: the unedited model's answers read so far (:func:`read_answers`): queries found
+            here are not asked again, and new answers are added, so records built in several
+            calls (blocks) share the questions about common objects. Keep one mapping per
+            model and pool.
 
     Returns:
         The kept cases, in the order of ``records`` and, per record, of :data:`CRITERIA`.
@@ -341,9 +346,11 @@ def build_cases(
     data = index_records([*records, *pool])
     settings = _Settings(hops, dict(aliases or {}), strict, n_distractors)
     drafts = [draft for rec in records for draft in _drafts(rec, data, settings)]
-    queries = [query for draft in drafts for query in draft.queries]
-    answers = read_answers(model, queries, batch_size=batch_size, progress=progress)
-    cases = [case for draft in drafts if (case := draft.decide(answers)) is not None]
+    known = answers if answers is not None else {}
+    queries = [query for draft in drafts for query in draft.queries if query not in known]
+    if queries:
+        known.update(read_answers(model, queries, batch_size=batch_size, progress=progress))
+    cases = [case for draft in drafts if (case := draft.decide(known)) is not None]
     logger.info("ripple: %d cases kept of %d drafted for %d records",
                 len(cases), len(drafts), len(records))
     return cases
