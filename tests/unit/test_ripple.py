@@ -202,6 +202,26 @@ def test_strict_cases_rank_the_new_answer_against_every_candidate(knowing) -> No
     assert set(case.against) == {"Chile", "France", "Italy", "Peru"}
 
 
+@needs_hooked
+def test_blocks_sharing_an_answer_cache_build_the_same_cases(knowing, cases, monkeypatch) -> None:
+    answers: dict[Query, str] = {}
+    blocks = [build_cases(knowing, EDITS[:2], pool=POOL, aliases={"Zog": ["Zogo"]},
+                          answers=answers, progress=False)]
+    asked: list[Query] = []
+    real = ripple_module.read_answers
+
+    def spy(model, queries, **kwargs):
+        asked.extend(queries)
+        return real(model, queries, **kwargs)
+
+    monkeypatch.setattr(ripple_module, "read_answers", spy)
+    before = set(answers)
+    blocks.append(build_cases(knowing, EDITS[2:], pool=POOL, answers=answers, progress=False))
+    assert blocks[0] + blocks[1] == cases
+    assert asked and not set(asked) & before  # nothing asked twice
+    assert "Rome is located in the country of" not in {q.prompt for q in asked}
+
+
 def test_jsonl_round_trip(tmp_path: Path) -> None:
     case = RippleCase("compositionality_i", 7, "Zog is located in the country of",
                       ("Norway",), ("Italy",), "Zog", "P131",
