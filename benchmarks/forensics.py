@@ -59,17 +59,20 @@ rows, so the tables can be recomputed); a rerun resumes, rows of other settings 
 ``--max-minutes`` stops between units. ``--n K`` runs at most K units per experiment (the facts
 of each unit do not move). ``--model tiny`` is a smoke test on a tiny random model (seconds).
 
-Cost on the embedded model (gemma-3-270m, 2 CPU cores), estimated from the code: a ROME or
-FT-L edit ~12-15 s; MEMIT/AlphaEdit targets ~4 s per fact (bf16, cached); a scan: 18 SVDs of
-[2048, 640] (~1-2 s), decoding, and the probes (3 next-token forwards each: ~1-2 s for a single
-edit's 5 probes, ~1-2 min for a 100-fact batch); candidate keys: 1000 candidates x 21 templates
-= 21k rows of ~15 tokens through layers 0..L, ~2 GFLOP per row to layer 9: ~10-15 min ONCE per
-layer set (cached; the default plan's layers 1, 2-4, 3, 6, 9 are one pass when the first MEMIT
-state or L9 edit needs them), recomputed per state only for blind scans that flag a layer above
-another edited layer (MEMIT/AlphaEdit, ~3-5 min each). Total for the default plan (315 facts in
-171 edited states, 30 random controls): ~30 min ROME/FT-L edits, ~15 min targets, ~20-30 min
-scans, ~15 min keys (+ up to ~1 h of per-state blind keys if MEMIT states are flagged): about
-1.5-2.5 h; run alone, in two sessions if needed (it resumes):
+Cost on the embedded model (gemma-3-270m, 2 CPU cores), estimated from the code (not run yet):
+a ROME edit ~12-15 s (125 ROME + erasure edits: ~27 min), FT-L a few seconds (20: ~3 min),
+MEMIT/AlphaEdit targets ~4 s per fact (170 facts: ~11 min, cached under targets/) plus the
+spread and AlphaEdit's projector (minutes). A scan: 18 SVDs of [2048, 640] (~1-2 s), decoding
+through the 262k-token unembedding, and the probes (3 next-token forwards each: ~1-2 s for a
+single edit's ~5 probes, ~2-4 min for the 100-fact batch's 203). Candidate keys are the largest
+single cost: 1000 candidates x 21 ROME templates = 21k rows of ~16 tokens; at ~11 MFLOP per
+token and layer, a pass to layer 17 (random controls can sit anywhere) is ~7e13 FLOP, 20-30 min
+at 40-60 GFLOP/s, done ONCE before the first unit (``warm_keys``, cached per base model, layer,
+templates and candidate list; ``--candidates 0``, ~10k subjects, would be ~10x). Blind scans
+read the same keys unless an edit sits below the flagged layer: MEMIT/AlphaEdit states that the
+spectrum flags at layer 3 or 4 recompute theirs (~5-8 min each, at most 26 states). Total:
+about 1.5-2 h (worst case ~4 h); run alone; it resumes, so run the same command until it says
+nothing is left, then the calibration (reads the same rows, computes nothing new):
 
     python benchmarks/forensics.py --max-minutes 170 --json benchmarks/results/forensics.json
     python benchmarks/forensics.py --calibrate --json benchmarks/results/forensics-calibration.json
