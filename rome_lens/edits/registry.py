@@ -98,6 +98,12 @@ def applied_edits(model: Model) -> list[Edit]:
     return list(reg.applied) if reg else []
 
 
+def in_base_weights(model: Model) -> bool:
+    """Whether :func:`base_weights` currently holds the model's unedited weights."""
+    reg = _registry(model)
+    return reg is not None and reg.base_depth > 0
+
+
 def applied_ids(model: Model) -> tuple[str, ...]:
     """Ids of the applied edits, in application order."""
     return tuple(edit.id for edit in applied_edits(model))

@@ -206,3 +206,60 @@ def test_cli_scan_reads_edit_files_and_prints_json(
     assert main(["scan", "--edit", str(path), "--blind", "--probe", PROBES[0]]) == 0
     out = capsys.readouterr().out
     assert "spectrum: 1 finding" in out and "blocks.1.mlp.W_out" in out
+
+
+def test_candidate_keys_are_cached_per_layer_and_the_weights_below_it(
+    model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rome_lens.audit.forensics import decode
+
+    subjects = ["Alice Smith", *OTHERS]
+    templates = ["{}", "Once upon a time. {}", "Hello there, {}"]
+    plain = decode.subject_keys_at(model, [1, 2], subjects, templates)
+    monkeypatch.setattr(decode, "KEY_CHUNK_ROWS", 4)  # one subject per chunk: same keys
+    cached = decode.subject_keys_at(model, [1, 2], subjects, templates, cache=True)
+    for layer in (1, 2):
+        assert cached[layer].shape == (len(subjects), access.read_mlp_out(model, layer).shape[0])
+        assert torch.allclose(cached[layer], plain[layer], atol=1e-5, rtol=1e-4)
+    passes: list[list[int]] = []
+    original = decode.keys_at_positions
+
+    def counting(m, layers, rows, positions):
+        passes.append(list(layers))
+        return original(m, layers, rows, positions)
+
+    monkeypatch.setattr(decode, "keys_at_positions", counting)
+    again = decode.subject_keys_at(model, [2, 1], subjects, templates, cache=True)
+    assert passes == [] and all(torch.equal(again[i], cached[i]) for i in (1, 2))
+    # an edit at layer 1 cannot change keys at layer 1; it changes those at layer 2
+    _planted(model, 1, 1, 1.0, seed=4).apply(model)
+    edited = decode.subject_keys_at(model, [1, 2], subjects, templates, cache=True)
+    assert torch.equal(edited[1], cached[1])
+    assert passes and all(p == [2] for p in passes)
+    assert not torch.allclose(edited[2], cached[2])
+    passes.clear()
+    with base_weights(model):  # the base model's keys, from the cache
+        assert torch.equal(decode.subject_keys_at(model, [2], subjects, templates,
+                                                  cache=True)[2], cached[2])
+    assert passes == []
+    other = decode.key_cache_path(model, 1, subjects[:2], templates)
+    assert other != decode.key_cache_path(model, 1, subjects, templates)
+
+
+def test_a_scan_reads_candidate_keys_from_the_cache(model, hparams) -> None:
+    from rome_lens.audit import ScanConfig
+
+    cached_edit(model, REQUEST, 1, hparams).apply(model)
+    templates = context_templates(model, hparams)
+    candidates = [*OTHERS, "Alice Smith"]
+    fresh = scan(model, candidates=candidates, templates=templates,
+                 config=ScanConfig(cache_keys=False))
+    first = scan(model, candidates=candidates, templates=templates)
+    second = scan(model, candidates=candidates, templates=templates)
+    for report in (first, second):
+        (finding,) = report.findings
+        assert finding.subject == "Alice Smith"
+        assert [s for s, _ in finding.subjects] == [s for s, _ in fresh.findings[0].subjects]
+    scores = [[v for _, v in r.findings[0].subjects] for r in (fresh, first, second)]
+    assert scores[1] == pytest.approx(scores[0], rel=1e-4)
+    assert scores[2] == pytest.approx(scores[1], rel=1e-5)

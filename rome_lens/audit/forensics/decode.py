@@ -18,6 +18,14 @@ change ``D`` of it adds ``D^T k`` to the raw output of every token whose key is 
   paragraph), whose median sets the scale: a subject score of 10 means the edit changes that
   subject's output ten times as much as a typical token's.
 
+Candidate keys are the costly part of a scan against a dataset's subjects (one forward row per
+subject and template). With ``cache=True`` they are stored per layer under the cache directory
+(``subject_keys/``), named by the weights that feed that layer's keys: the base fingerprint
+plus the ids of the applied edits with a site BELOW the layer (an edit at layer ``L`` or above
+cannot change a key at ``L``), the dtype, the templates and the subjects. A scan with the base
+weights, or of single-layer edits at or above the layer, so reads the keys computed once for the
+base model.
+
 Example:
     >>> keys = subject_keys_at(model, [1], ["Alice Smith", "Bob Jones"], ["{}"])
     >>> keys[1].shape                                 # [n_subjects, d_mlp]
@@ -26,19 +34,29 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
 
+from rome_lens._cache import atomic_path, cache_dir
 from rome_lens._typing import Model
 from rome_lens.audit.health import held_out_tokens
 from rome_lens.audit.lens import TunedLens, logit_lens
+from rome_lens.edits.registry import applied_edits, base_fingerprint, in_base_weights
 from rome_lens.models import access
 from rome_lens.requests import subject_token_span
 
+logger = logging.getLogger(__name__)
+
 #: Texts run through the model at once when candidate keys are computed.
 KEY_BATCH = 64
+#: Texts (subjects x templates) whose keys are held before they are averaged per subject.
+KEY_CHUNK_ROWS = 4096
 
 
 @torch.no_grad()
@@ -127,9 +145,12 @@ def keys_at_positions(
     """MLP keys at ``layers`` of each row's chosen position (right-padded batches)."""
     hooks = {layer: access.key_hook_name(layer) for layer in layers}
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    # rows of similar length share a batch, so little of each batch is padding
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for start in range(0, len(rows), KEY_BATCH):
-        tokens = _pad(model, rows[start:start + KEY_BATCH])
-        pos = torch.tensor(positions[start:start + KEY_BATCH], device=tokens.device)
+        chosen = order[start:start + KEY_BATCH]
+        tokens = _pad(model, [rows[i] for i in chosen])
+        pos = torch.tensor([positions[i] for i in chosen], device=tokens.device)
         _, states = access.run_with_states(
             model, tokens, list(hooks.values()), stop_at_layer=max(layers) + 1,
             attention_mask=torch.ones_like(tokens),
@@ -137,22 +158,97 @@ def keys_at_positions(
         for layer, hook in hooks.items():
             acts = states[hook]
             out[layer].append(acts[torch.arange(acts.shape[0], device=acts.device), pos].float())
-    return {layer: torch.cat(parts).cpu() for layer, parts in out.items()}
+    inverse = torch.argsort(torch.tensor(order))
+    return {layer: torch.cat(parts).cpu()[inverse] for layer, parts in out.items()}
 
 
 def subject_keys_at(
-    model: Model, layers: Sequence[int], subjects: Sequence[str], templates: Sequence[str]
+    model: Model, layers: Sequence[int], subjects: Sequence[str], templates: Sequence[str],
+    *, cache: bool = False,
 ) -> dict[int, Float[torch.Tensor, "n_subjects d_mlp"]]:
     """Each subject's key at each of ``layers``, averaged over ``templates`` (``{}`` slots).
+
+    Args:
+        model: the model whose keys are read (as it is: edited or not).
+        layers: the blocks.
+        subjects: the subject strings.
+        templates: context templates, one ``{}`` slot each.
+        cache: read and write each layer's keys in the on-disk cache (module docstring); the
+            layers not found there are computed together, in one pass per chunk of subjects.
+
+    Returns:
+        ``{layer: [n_subjects, d_mlp] float32 keys}`` on the CPU.
 
     Raises:
         SubjectNotFoundError: a template does not place the subject where expected.
     """
-    rows, last = _subject_rows(model, subjects, templates)
-    keys = keys_at_positions(model, layers, rows, last)
-    n = len(templates)
-    return {layer: k.reshape(len(subjects), n, -1).mean(1) for layer, k in keys.items()}
+    paths = ({layer: key_cache_path(model, layer, subjects, templates) for layer in layers}
+             if cache else {})
+    found = {layer: keys for layer, path in paths.items()
+             if (keys := _read_keys(path, len(subjects))) is not None}
+    missing = [layer for layer in dict.fromkeys(layers) if layer not in found]
+    if missing:
+        computed = _compute_subject_keys(model, missing, subjects, templates)
+        for layer, keys in computed.items():
+            if layer in paths:
+                _write_keys(paths[layer], keys)
+        found |= computed
+    return {layer: found[layer] for layer in layers}
 
+
+def _compute_subject_keys(
+    model: Model, layers: Sequence[int], subjects: Sequence[str], templates: Sequence[str]
+) -> dict[int, Float[torch.Tensor, "n_subjects d_mlp"]]:
+    """Keys averaged over templates, a chunk of subjects at a time (bounded memory)."""
+    n = len(templates)
+    step = max(1, KEY_CHUNK_ROWS // n)
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in range(0, len(subjects), step):
+        chunk = subjects[start:start + step]
+        rows, last = _subject_rows(model, chunk, templates)
+        for layer, keys in keys_at_positions(model, layers, rows, last).items():
+            parts[layer].append(keys.reshape(len(chunk), n, -1).mean(1))
+    return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
+
+
+def key_state(model: Model, layer: int) -> str:
+    """Name the weights that feed ``layer``'s keys: base fingerprint + applied edits below it.
+
+    Inside :func:`~rome_lens.edits.base_weights` the model is its base, whatever is applied.
+    """
+    edits = [] if in_base_weights(model) else applied_edits(model)
+    below = [e.id for e in edits if any(site.layer < layer for site in e.sites)]
+    return "+".join([base_fingerprint(model), *below])
+
+
+def key_cache_path(
+    model: Model, layer: int, subjects: Sequence[str], templates: Sequence[str]
+) -> Path:
+    """Where the keys of ``subjects`` at ``layer`` of the model as it is are cached."""
+    dtype = str(access.read_mlp_out(model, layer).dtype)
+    spec = json.dumps([key_state(model, layer), layer, dtype, list(templates), list(subjects)])
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:24]
+    return cache_dir("subject_keys") / f"{base_fingerprint(model)}-L{layer}-{digest}.safetensors"
+
+
+def _read_keys(path: Path, n_subjects: int) -> torch.Tensor | None:
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    keys = load_file(str(path))["keys"]
+    if keys.shape[0] != n_subjects:  # a damaged or foreign file: computed again
+        logger.warning("ignoring %s: %d keys, expected %d", path, keys.shape[0], n_subjects)
+        return None
+    return keys
+
+
+def _write_keys(path: Path, keys: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"keys": keys.contiguous()}, str(tmp))
+    logger.info("cached %d candidate keys at %s", keys.shape[0], path)
 
 def reference_keys_at(
     model: Model, layers: Sequence[int]

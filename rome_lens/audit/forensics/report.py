@@ -48,6 +48,9 @@ class ScanConfig:
             models: the ROME edit's own subject 3.7-10, other subjects at most 1.6).
         n_subjects: candidates kept per finding, best first.
         dense_above: a base difference of higher rank becomes a dense reversal site.
+        cache_keys: keep the candidates' keys per layer in the on-disk cache (see
+            :mod:`rome_lens.audit.forensics.decode`), so a dataset's thousands of subjects run
+            through the model once per base model, layer and template set.
     """
 
     z_threshold: float = 4.0
@@ -57,6 +60,7 @@ class ScanConfig:
     subject_threshold: float = 3.0
     n_subjects: int = 10
     dense_above: int = 64
+    cache_keys: bool = True
 
 
 @dataclass(frozen=True, eq=False)

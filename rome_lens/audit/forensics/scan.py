@@ -308,7 +308,8 @@ def _read_changes(
         with context:
             templates = list(templates) if templates else context_templates(
                 key_model, default_hparams(key_model))
-            keys = subject_keys_at(key_model, layers, subjects, templates)
+            keys = subject_keys_at(key_model, layers, subjects, templates,
+                                   cache=config.cache_keys)
             reference = reference_keys_at(key_model, layers)
     known_weights = known is not None
     return [_finding(model, c, subjects, keys.get(c.layer), reference.get(c.layer), lens,
