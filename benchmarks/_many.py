@@ -116,6 +116,30 @@ def hparams_from(cls: type, model: Any, settings: list[str]) -> Any:
     return replace(base, **changes)
 
 
+def load_named(name: str, tag: str, **tiny_options: Any) -> tuple[Any, str]:
+    """A model and its label: ``embedded``, ``tiny`` (a smoke test) or a name for load_model.
+
+    ``tiny`` is a random model from tests/tiny.py (gemma layout where HookedTransformer exists,
+    else the bridge) whose statistics go to a temporary cache named after ``tag``.
+    """
+    import os
+    import sys
+    import tempfile
+
+    if name == "embedded":
+        return rome_lens.load_model(), rome_lens.DEFAULT_MODEL
+    if name == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import HAS_HOOKED, tiny_model
+
+        os.environ.setdefault("ROME_LENS_CACHE", tempfile.mkdtemp(prefix=f"{tag}_tiny_"))
+        kind = "gemma" if HAS_HOOKED else "bridge"
+        layers = tiny_options.get("n_layers")
+        shape = f", {layers} layers" if layers else ""
+        return tiny_model(kind, **tiny_options), f"tiny random {kind}{shape} (tests/tiny.py)"
+    return rome_lens.load_model(name), name
+
+
 def load_model() -> Any:
     """The embedded model, quietly."""
     logging.basicConfig(level=logging.WARNING)

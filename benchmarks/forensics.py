@@ -90,11 +90,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +102,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import TRAIN, Budget, append_row, known_facts, read_rows  # noqa: E402
+from _many import TRAIN, Budget, append_row, known_facts, load_named, read_rows  # noqa: E402
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
@@ -243,16 +241,7 @@ def _rome_default_facts(plan: list[dict[str, Any]], facts: list[Any], default: i
 # --------------------------------------------------------------------------- models and edits
 def load(name: str) -> tuple[Any, str]:
     """The model and its label: ``embedded`` (default), ``tiny``, or a name for load_model."""
-    if name == "embedded":
-        return rome_lens.load_model(), rome_lens.DEFAULT_MODEL
-    if name == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import HAS_HOOKED, tiny_model
-
-        os.environ.setdefault("ROME_LENS_CACHE", tempfile.mkdtemp(prefix="forensics_tiny_"))
-        kind = "gemma" if HAS_HOOKED else "bridge"
-        return tiny_model(kind, n_layers=6), f"tiny random {kind}, 6 layers (tests/tiny.py)"
-    return rome_lens.load_model(name), name
+    return load_named(name, "forensics", n_layers=6)
 
 
 def _small(memit: bool) -> dict[str, Any]:

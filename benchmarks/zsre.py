@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +37,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import Budget, append_row, read_rows  # noqa: E402
+from _many import Budget, append_row, load_named, read_rows  # noqa: E402
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
@@ -63,16 +61,7 @@ logger = logging.getLogger("benchmarks.zsre")
 
 def load(name: str) -> tuple[Any, str]:
     """The model and its label: ``embedded`` (default), ``tiny``, or a name for load_model."""
-    if name == "embedded":
-        return rome_lens.load_model(), rome_lens.DEFAULT_MODEL
-    if name == "tiny":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import HAS_HOOKED, tiny_model
-
-        os.environ.setdefault("ROME_LENS_CACHE", tempfile.mkdtemp(prefix="zsre_tiny_cache_"))
-        kind = "gemma" if HAS_HOOKED else "bridge"
-        return tiny_model(kind), f"tiny random {kind} (tests/tiny.py)"
-    return rome_lens.load_model(name), name
+    return load_named(name, "zsre")
 
 
 def method_options(method: str, model: Any, layer: int | None,
