@@ -102,7 +102,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import TRAIN, Budget, append_row, known_facts, load_named, read_rows  # noqa: E402
+from _many import TRAIN, Budget, append_row, known_facts, load_named, read_rows, tiny_settings  # noqa: E402
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
@@ -244,33 +244,23 @@ def load(name: str) -> tuple[Any, str]:
     return load_named(name, "forensics", n_layers=6)
 
 
-def _small(memit: bool) -> dict[str, Any]:
-    """Settings that make an edit of the tiny model take well under a second."""
-    small: dict[str, Any] = dict(
-        v_num_grad_steps=8, n_contexts_short=2, context_len_short=3, n_contexts_long=1,
-        context_len_long=5, stats_sequences=36, stats_seq_len=32)
-    if memit:
-        small |= {"z_batch": 2, "z_precision": "float32"}
-    return small
-
-
 def edit_options(unit: Unit, tiny: bool) -> tuple[str, dict[str, Any]]:
     """``compute_edit``'s method and options for a unit (small settings on the tiny model)."""
     if unit.kind in ("memit", "alphaedit"):
         options: dict[str, Any] = {"progress": False, "cache_targets": True}
         if tiny and unit.kind == "memit":
             options["hparams"] = rome_lens.MemitHyperParams(
-                layers=(1, 2), mom2_update_weight=1.0, **_small(True))
+                layers=(1, 2), mom2_update_weight=1.0, **tiny_settings(True))
         elif tiny:
             options["hparams"] = rome_lens.AlphaEditHyperParams(
-                layers=(1, 2), nullspace_threshold=0.05, alpha=1e-3, **_small(True))
+                layers=(1, 2), nullspace_threshold=0.05, alpha=1e-3, **tiny_settings(True))
         return unit.kind, options
     if unit.kind == "ft-l":
         return "ft-l", {"layer": unit.layer}
     options = {"objective": "erasure"} if unit.kind == "rome-erasure" else {}
     if tiny:
         return "rome", options | {"hparams": rome_lens.RomeHyperParams(layer=unit.layer,
-                                                                        **_small(False))}
+                                                                        **tiny_settings(False))}
     return "rome", options | {"layer": unit.layer}
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import Budget, append_row, load_named, read_rows  # noqa: E402
+from _many import Budget, append_row, load_named, read_rows, tiny_settings  # noqa: E402
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
@@ -73,27 +73,17 @@ def method_options(method: str, model: Any, layer: int | None,
         if tiny:
             if method == "memit":
                 hp = rome_lens.MemitHyperParams(layers=(1, 2), mom2_update_weight=1.0,
-                                                **_small(True))
+                                                **tiny_settings(True))
             else:
                 hp = rome_lens.AlphaEditHyperParams(layers=(1, 2), nullspace_threshold=0.05,
-                                                    alpha=1e-3, **_small(True))
+                                                    alpha=1e-3, **tiny_settings(True))
             options["hparams"] = hp
         return options, {"layers": "tiny (1, 2)" if tiny else "default", "tiny": tiny}
     layer = layer if layer is not None else rome_lens.default_hparams(model).layer
     settings = {"layer": layer, "tiny": tiny}
     if method == "rome" and tiny:
-        return {"hparams": rome_lens.RomeHyperParams(layer=layer, **_small(False))}, settings
+        return {"hparams": rome_lens.RomeHyperParams(layer=layer, **tiny_settings(False))}, settings
     return {"layer": layer}, settings
-
-
-def _small(memit: bool) -> dict[str, Any]:
-    """Settings that make an edit of the tiny model take well under a second."""
-    small: dict[str, Any] = dict(
-        v_num_grad_steps=8, n_contexts_short=2, context_len_short=3, n_contexts_long=1,
-        context_len_long=5, stats_sequences=36, stats_seq_len=32)
-    if memit:
-        small |= {"z_batch": 2, "z_precision": "float32"}
-    return small
 
 
 def fits(model: Any, rec: ev.ZsreRecord, margin: int = 16) -> bool:
