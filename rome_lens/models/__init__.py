@@ -6,6 +6,6 @@ HookedTransformer, TransformerBridge). :mod:`~rome_lens.models.layout` holds the
 not depend on the API (hook names, layer checks).
 """
 
-from rome_lens.models.loading import DEFAULT_MODEL, load_model
+from rome_lens.models.loading import DEFAULT_MODEL, load_model, source_sha256
 
-__all__ = ["DEFAULT_MODEL", "load_model"]
+__all__ = ["DEFAULT_MODEL", "load_model", "source_sha256"]

@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "google/gemma-3-270m"
 _FORMAT_VERSION = 1
+_SOURCE_ATTR = "_rome_lens_source_sha256"
+_M = TypeVar("_M")
 
 
 def load_model(
@@ -132,6 +134,27 @@ def load_model(
     return model
 
 
+def source_sha256(model: Any) -> str | None:
+    """The sha256 of the file (or checkpoint files) ``model`` was loaded from, if known.
+
+    :func:`load_model` records it for the embedded model and local checkpoints; models loaded by
+    TransformerLens name or built by hand have none. It keys data shipped for one exact
+    checkpoint, such as the embedded model's statistics corpus.
+
+    Example:
+        >>> source_sha256(load_model())[:12]  # doctest: +SKIP
+        '...'
+    """
+    value = getattr(model, _SOURCE_ATTR, None)
+    return value if isinstance(value, str) and value else None
+
+
+def _mark_source(model: _M, key: str) -> _M:
+    if key:
+        object.__setattr__(model, _SOURCE_ATTR, key)
+    return model
+
+
 def has_hooked_transformer() -> bool:
     """Whether the installed TransformerLens still has HookedTransformer (3.9.x, not 4.x)."""
     return importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
@@ -181,7 +204,8 @@ def _load_bridge(
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     hf_model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     hf_model = hf_model.to(device).eval()
-    return _boot_bridge(hf_model, tokenizer, tl_name or str(folder), device, dtype)
+    bridge = _boot_bridge(hf_model, tokenizer, tl_name or str(folder), device, dtype)
+    return _mark_source(bridge, key)
 
 
 def _boot_bridge(
@@ -263,7 +287,7 @@ def _load_cached_conversion(
 
     entry = cache_dir("models") / f"{key[:24]}-v{_FORMAT_VERSION}"
     if (entry / "meta.json").exists():
-        return _place(_load_cached_entry(entry), device, dtype)
+        return _mark_source(_place(_load_cached_entry(entry), device, dtype), key)
     logger.info("converting %s to a HookedTransformer (one-time, ~1 min)", source)
     model, tokenizer, recipe = _convert_to_hooked(source, tl_name)
     with atomic_dir(entry) as tmp:
@@ -272,7 +296,7 @@ def _load_cached_conversion(
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {**recipe, "source": str(source), "key": key}
         (tmp / "meta.json").write_text(json.dumps(meta))
-    return _place(model, device, dtype)
+    return _mark_source(_place(model, device, dtype), key)
 
 
 def _convert_to_hooked(

@@ -3,11 +3,18 @@
 ``corpus=`` argument of every function that needs one:
 
 * ``None`` (default, works offline on a fresh machine): text sampled from the BASE model itself
-  (its unedited weights, whatever edits are applied), ``stats_sequences x stats_seq_len`` tokens
-  (128 x 128 = 16,384 by default), top-40 sampling from BOS with a fixed seed. On a 2-core CPU
-  this costs about 2-4 minutes for gemma-3-270m and is cached per base-model fingerprint. The
+  (top-40 sampling from BOS with a fixed seed), ``stats_sequences x stats_seq_len`` tokens. The
   samples are the model's own idea of typical text: an honest stand-in for the paper's 100k
   Wikipedia samples, with far fewer tokens.
+
+  - For a model whose file ships a *packaged corpus* (the embedded gemma-3-270m: token ids in
+    ``rome_lens/statistics/corpora/<sha256[:16]>.npz``, sampled once by
+    ``scripts/make_corpus.py`` and keyed by the sha256 of the model file,
+    :func:`rome_lens.models.source_sha256`), its first ``stats_sequences`` rows are used: no
+    sampling at all, and the same tokens under either TransformerLens version.
+  - Otherwise the model samples the corpus on first use (minutes on a CPU: ~100 tokens/s for
+    gemma-3-270m on 2 cores), cached per base-model fingerprint; a larger cached sample of the
+    same seed is cut down rather than sampled again.
 * a list of strings, or paths to text files: tokenised and cut into ``stats_seq_len`` chunks.
 * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset's ``text`` column (needs network or a
   local datasets cache).
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from jaxtyping import Int
 
@@ -40,6 +48,7 @@ from rome_lens._cache import atomic_path, cache_dir
 from rome_lens._typing import Model
 from rome_lens.edits import base_fingerprint, base_weights
 from rome_lens.errors import RomeLensError
+from rome_lens.models import source_sha256
 from rome_lens.sampling import sample_tokens
 
 logger = logging.getLogger(__name__)
@@ -78,6 +87,9 @@ class StatisticsConfig:
 
 _CORPUS_TOP_K = 40
 
+#: Where corpora shipped with the package live (see :func:`packaged_corpus`).
+PACKAGED_DIR = Path(__file__).parent / "corpora"
+
 
 def corpus_tokens(
     model: Model, corpus: Corpus, hparams: CorpusSize
@@ -94,15 +106,10 @@ def corpus_tokens(
     """
     n_seq, seq_len = hparams.stats_sequences, hparams.stats_seq_len
     if corpus is None:
-        fp = base_fingerprint(model)
-        corpus_id = f"self-k{_CORPUS_TOP_K}-s{hparams.seed}-{n_seq}x{seq_len}"
-        path = cache_dir("corpus") / f"{fp}-{corpus_id}.pt"
-        if path.exists():
-            return torch.load(path), corpus_id
-        tokens = _sample_corpus(model, n_seq, seq_len, hparams.seed)
-        with atomic_path(path) as tmp:
-            torch.save(tokens, tmp)
-        return tokens, corpus_id
+        packaged = packaged_corpus(model, hparams)
+        if packaged is not None:
+            return packaged
+        return _self_corpus(model, n_seq, seq_len, hparams.seed)
     texts = _read_texts(corpus)
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
     ids: list[int] = []
@@ -113,6 +120,85 @@ def corpus_tokens(
     n = min(n_seq, len(ids) // seq_len)
     tokens = torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
     return tokens, f"texts-{digest}-{n}x{seq_len}"
+
+
+def packaged_corpus(
+    model: Model, hparams: CorpusSize
+) -> tuple[Int[torch.Tensor, "seq pos"], str] | None:
+    """The first ``stats_sequences`` rows of the corpus shipped for the model's file, if any.
+
+    ``None`` when the model has no known source file, no corpus is shipped for it, or the
+    shipped one does not fit ``hparams`` (another seed or sequence length, too few rows).
+    """
+    sha = source_sha256(model)
+    if sha is None or not (path := PACKAGED_DIR / f"{sha[:16]}.npz").exists():
+        return None
+    with np.load(path) as data:
+        meta = {k: int(data[k]) for k in ("seed", "seq_len", "top_k")}
+        source = str(data["source_sha256"])
+        rows = data["tokens"].shape[0]
+        fits = (source == sha and meta["seed"] == hparams.seed
+                and meta["seq_len"] == hparams.stats_seq_len and hparams.stats_sequences <= rows)
+        if not fits:
+            logger.info("packaged corpus %s (%d rows, %s) does not fit %s: sampling instead",
+                        path.name, rows, meta, hparams)
+            return None
+        tokens = torch.from_numpy(data["tokens"][: hparams.stats_sequences].astype(np.int64))
+    name = f"packaged-{sha[:12]}-k{meta['top_k']}-s{meta['seed']}"
+    corpus_id = f"{name}-{tokens.shape[0]}x{meta['seq_len']}"
+    return tokens, corpus_id
+
+
+def write_packaged_corpus(
+    folder: str | os.PathLike[str],
+    source_sha: str,
+    tokens: Int[torch.Tensor, "seq pos"],
+    *,
+    seed: int,
+    top_k: int,
+    batch: int,
+) -> Path:
+    """Write a packaged corpus file (``<folder>/<source_sha[:16]>.npz``; used by ``None``).
+
+    Args:
+        folder: where to write (``rome_lens/statistics/corpora`` to ship it).
+        source_sha: sha256 of the model file the tokens were sampled from.
+        tokens: ``[n_seq, seq_len]`` token ids, BOS first in every row.
+        seed: sampling seed.
+        top_k: top-k of the sampling.
+        batch: sequences per independently seeded batch.
+
+    Returns:
+        The file's path.
+    """
+    if len(source_sha) != 64:
+        raise RomeLensError(f"a packaged corpus needs the model file's sha256, got {source_sha!r}")
+    path = Path(folder) / f"{source_sha[:16]}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path, tokens=tokens.numpy().astype(np.uint32), source_sha256=np.array(source_sha),
+        seed=np.array(seed), seq_len=np.array(tokens.shape[1]), top_k=np.array(top_k),
+        batch=np.array(batch),
+    )
+    return path
+
+
+def _self_corpus(
+    model: Model, n_seq: int, seq_len: int, seed: int
+) -> tuple[Int[torch.Tensor, "seq pos"], str]:
+    """Sample the corpus from the model (cached; a larger cached sample is cut down)."""
+    fp = base_fingerprint(model)
+    stem = f"self-k{_CORPUS_TOP_K}-s{seed}"
+    corpus_id = f"{stem}-{n_seq}x{seq_len}"
+    folder = cache_dir("corpus")
+    for cached in sorted(folder.glob(f"{fp}-{stem}-*x{seq_len}.pt")):
+        rows = int(cached.stem.rsplit("-", 1)[1].split("x")[0])
+        if rows >= n_seq:  # sampling is prefix-stable: the first rows are the smaller corpus
+            return torch.load(cached)[:n_seq], corpus_id
+    tokens = _sample_corpus(model, n_seq, seq_len, seed)
+    with atomic_path(folder / f"{fp}-{corpus_id}.pt") as tmp:
+        torch.save(tokens, tmp)
+    return tokens, corpus_id
 
 
 def _sample_corpus(model: Model, n_seq: int, seq_len: int, seed: int) -> torch.Tensor:

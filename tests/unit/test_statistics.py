@@ -6,6 +6,7 @@ from _support import STATS_CORPUS, one_thread
 
 import rome_lens
 from rome_lens.models import access
+from rome_lens.statistics import StatisticsConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,3 +69,62 @@ def test_second_moment_too_small_corpus(model, hparams) -> None:
         rome_lens.second_moment(model, 1, corpus=["tiny"], hparams=hparams)
     with pytest.raises(rome_lens.LayerOutOfRangeError):
         rome_lens.second_moment(model, 7, corpus=STATS_CORPUS, hparams=hparams)
+
+
+# ---------------------------------------------------------------- default (model-sampled) corpus
+def test_packaged_corpus_rows_are_used_without_sampling(model, tmp_path, monkeypatch) -> None:
+    from rome_lens.statistics import corpus as corpus_mod
+
+    sha = "ab" * 32
+    shipped = torch.randint(0, model.cfg.d_vocab, (6, 16))
+    path = corpus_mod.write_packaged_corpus(tmp_path, sha, shipped, seed=0, top_k=40, batch=2)
+    assert path.name == f"{sha[:16]}.npz"
+    monkeypatch.setattr(corpus_mod, "PACKAGED_DIR", tmp_path)
+    monkeypatch.setattr(corpus_mod, "_sample_corpus", _no_sampling)
+    monkeypatch.setattr(model, "_rome_lens_source_sha256", sha, raising=False)
+    tokens, corpus_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(4, 16, 0))
+    assert torch.equal(tokens, shipped[:4])
+    assert corpus_id == f"packaged-{sha[:12]}-k40-s0-4x16"
+    # C of the packaged corpus equals C of the same tokens given by hand
+    mom2 = rome_lens.second_moment(model, 1, hparams=StatisticsConfig(4, 16, 0))
+    _, cache = model.run_with_cache(shipped[:4], names_filter=access.key_hook_name(1))
+    keys = cache[access.key_hook_name(1)].reshape(-1, model.cfg.d_mlp).double()
+    torch.testing.assert_close(mom2, (keys.T @ keys / keys.shape[0]).float(),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(7, 16, 0), (4, 8, 0), (4, 16, 1)])
+def test_packaged_corpus_that_does_not_fit_is_not_used(model, tmp_path, monkeypatch, size):
+    from rome_lens.statistics import corpus as corpus_mod
+
+    sha = "cd" * 32
+    corpus_mod.write_packaged_corpus(tmp_path, sha, torch.zeros(6, 16, dtype=torch.long),
+                                     seed=0, top_k=40, batch=2)
+    monkeypatch.setattr(corpus_mod, "PACKAGED_DIR", tmp_path)
+    monkeypatch.setattr(model, "_rome_lens_source_sha256", sha, raising=False)
+    assert corpus_mod.packaged_corpus(model, StatisticsConfig(*size)) is None
+    monkeypatch.setattr(model, "_rome_lens_source_sha256", "ef" * 32, raising=False)
+    assert corpus_mod.packaged_corpus(model, StatisticsConfig(4, 16, 0)) is None
+
+
+def test_packaged_corpus_needs_a_full_sha(tmp_path) -> None:
+    from rome_lens.statistics import corpus as corpus_mod
+
+    with pytest.raises(rome_lens.RomeLensError, match="sha256"):
+        corpus_mod.write_packaged_corpus(tmp_path, "abc", torch.zeros(2, 4, dtype=torch.long),
+                                         seed=0, top_k=40, batch=2)
+
+
+def test_smaller_sampled_corpus_is_cut_from_a_larger_cached_one(model, monkeypatch) -> None:
+    from rome_lens.statistics import corpus as corpus_mod
+
+    monkeypatch.setattr(model, "_rome_lens_source_sha256", None, raising=False)
+    large, large_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(5, 6, 3))
+    assert large.shape == (5, 6) and large_id.startswith("self-")
+    monkeypatch.setattr(corpus_mod, "_sample_corpus", _no_sampling)
+    small, small_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(3, 6, 3))
+    assert torch.equal(small, large[:3]) and small_id.endswith("-3x6")
+
+
+def _no_sampling(*args, **kwargs):
+    raise AssertionError("the corpus should not be sampled")
