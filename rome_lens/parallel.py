@@ -188,6 +188,7 @@ class WorkerPool:
         on_result: Callable[[int, T], None] | None = None,
         progress: bool = True,
         desc: str | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[T]:
         """``[fn(model, r) for r in records]``, record ``i`` on actor ``i % workers``.
 
@@ -203,9 +204,12 @@ class WorkerPool:
                 here).
             progress: show a tqdm progress bar (it counts results as they arrive).
             desc: the progress bar's label.
+            stop: asked before each record starts (e.g. a time budget); once it returns True
+                no further record starts, and those already started finish.
 
         Returns:
-            The results, in record order.
+            The results, in record order: of every record, or of the records before the first
+            that ``stop`` kept from starting.
 
         Raises:
             RuntimeError: the pool is closed.
@@ -218,22 +222,35 @@ class WorkerPool:
         if self._closed:
             raise RuntimeError("this WorkerPool is closed")
         if not self._distributed:
-            return self._map_here(fn, records, on_result, progress, desc)
+            return self._map_here(fn, records, on_result, progress, desc, stop)
         ray = self._ray
         fn_ref = ray.put(fn)  # sent once; each task gets it back from the object store
         # Tasks of one caller run on an actor in submission order, so which actor computes a
-        # record depends on its index alone, never on timing.
-        refs = [self._actors[i % self.workers].run.remote(fn_ref, rec)
-                for i, rec in enumerate(records)]
-        index = {ref: i for i, ref in enumerate(refs)}
+        # record depends on its index alone, never on timing. Two tasks queued per actor keep
+        # it busy while a result travels back, and let ``stop`` act within a record or two.
+        window = 2 * self.workers
+        index: dict[Any, int] = {}
         arrived: dict[int, T] = {}
         results: list[T] = []
-        pending = list(refs)
+        pending: list[Any] = []
+        submitted = 0
+        stopped = False
         with tqdm(total=len(records), desc=desc, disable=not progress) as bar:
-            while pending:
+            while True:
+                while submitted < len(records) and len(pending) < window and not stopped:
+                    if stop is not None and stop():
+                        stopped = True  # once asked to stop, start nothing more
+                        break
+                    actor = self._actors[submitted % self.workers]
+                    ref = actor.run.remote(fn_ref, records[submitted])
+                    index[ref] = submitted
+                    pending.append(ref)
+                    submitted += 1
+                if not pending:
+                    break
                 ready, pending = ray.wait(pending, num_returns=1)
                 for ref in ready:
-                    arrived[index[ref]] = ray.get(ref)
+                    arrived[index.pop(ref)] = ray.get(ref)
                     bar.update(1)
                 while len(results) in arrived:  # hand back the finished prefix, in order
                     i = len(results)
@@ -249,6 +266,7 @@ class WorkerPool:
         on_result: Callable[[int, T], None] | None,
         progress: bool,
         desc: str | None,
+        stop: Callable[[], bool] | None,
     ) -> list[T]:
         """The serial path: this process, no Ray."""
         previous = torch.get_num_threads()
@@ -259,6 +277,8 @@ class WorkerPool:
                 self._model = self._load()
             results: list[T] = []
             for i, rec in enumerate(tqdm(records, desc=desc, disable=not progress)):
+                if stop is not None and stop():
+                    break
                 results.append(fn(self._model, rec))
                 if on_result is not None:
                     on_result(i, results[i])
@@ -279,6 +299,7 @@ def map_records(
     on_result: Callable[[int, T], None] | None = None,
     progress: bool = True,
     desc: str | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[T]:
     """One sweep on a :class:`WorkerPool` of its own: ``[fn(model, r) for r in records]``.
 
@@ -293,12 +314,15 @@ def map_records(
         on_result: called as ``on_result(i, result)`` in record order as results arrive.
         progress: show a tqdm progress bar.
         desc: the progress bar's label.
+        stop: asked before each record starts; once True, no further record starts.
 
     Returns:
-        The results, in record order.
+        The results, in record order (of the records before the first that ``stop`` kept
+        from starting).
     """
     if not records:
         return []
     with WorkerPool(load, workers=workers, address=address, model=model,
                     threads=threads) as pool:
-        return pool.map(fn, records, on_result=on_result, progress=progress, desc=desc)
+        return pool.map(fn, records, on_result=on_result, progress=progress, desc=desc,
+                        stop=stop)

@@ -119,6 +119,30 @@ def test_an_error_in_a_worker_reaches_the_caller(local_ray: Any) -> None:
                     workers=2, threads=1, progress=False)
 
 
+def test_stop_starts_no_further_record(local_ray: Any) -> None:
+    asked = []
+
+    def stop() -> bool:  # runs here, in the driver: a closure is fine
+        asked.append(1)
+        return len(asked) > 3
+
+    serial = map_records(_case_id, _records(), load=_no_model, model="m", stop=stop,
+                         progress=False)
+    assert serial == [0, 1, 2]
+    asked.clear()
+    rows = map_records(_case_id, _records(), load=_named_model, workers=2, threads=1,
+                       stop=stop, progress=False)
+    assert rows == [0, 1, 2]
+
+
+def _named_model() -> str:
+    return "a model"
+
+
+def _case_id(model: Any, record: CounterFactRecord) -> int:
+    return record.case_id
+
+
 def _fail_on_second(model: Any, record: CounterFactRecord) -> int:
     if record.case_id == 1:
         raise ValueError("record 1 fails")
