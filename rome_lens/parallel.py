@@ -1,13 +1,14 @@
 """Spread a per-record sweep over Ray actors that each load the model once.
 
-Why this module exists: the CounterFact, zsRE and tracing sweeps do the same independent work
+Why this module exists: evaluation sweeps (CounterFact, zsRE, ...) do the same independent work
 for every record (edit, score, revert), so they parallelise over records, but every record
 needs the model, and loading it costs seconds to minutes. :func:`map_records` starts ``workers``
 Ray actors; each loads the model ONCE (``load()``) and then runs ``fn(model, record)`` for its
 share of the records. Records are sharded deterministically (record ``i`` goes to actor
 ``i % workers``, and an actor runs its records in order), and results are handed back in record
 order, so a benchmark that appends each result to its resumable JSONL as it arrives writes the
-same file as a serial run, and an interrupted parallel run resumes like a serial one.
+same file as a serial run (bit for bit when every process uses the same number of torch
+threads), and an interrupted parallel run resumes like a serial one.
 
 With ``workers=1`` (and no ``address``) nothing is distributed and Ray is not imported: the
 sweep runs in this process, on ``model`` if given, exactly as a plain loop would.
@@ -59,10 +60,10 @@ def available_cores() -> int:
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
     """Torch threads for each of ``workers`` processes sharing ``cores`` cores (>= 1).
 
-    Each worker gets an equal share and no more: torch's OpenMP threads spin and then stall
-    when another process holds their core, so two workers with two threads each on two cores
-    run slower than two workers with one thread each (NOTES.md, Machine facts: contention costs
-    1.5-1.8x). Splitting the cores also keeps a worker's matrix products on a fixed thread count.
+    Each worker gets an equal share and no more: more threads than cores oversubscribe the
+    machine, and torch's OpenMP threads stall whenever another process holds their core (on
+    2 cores a busy second process slowed a benchmark 1.5-1.8x, NOTES.md), so on 2 cores each of
+    2 workers runs 1 thread. A fixed count per worker also fixes the order of its float sums.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
