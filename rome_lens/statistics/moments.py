@@ -78,7 +78,7 @@ def second_moment(
 def _accumulate(
     model: Model, layer: int, tokens: Int[torch.Tensor, "seq pos"], batch_size: int
 ) -> Float[torch.Tensor, "d_mlp d_mlp"]:
-    """``E[k k^T]`` over every position of ``tokens`` (float64 accumulation)."""
+    """``E[k k^T]`` over every position of ``tokens`` (float64 accumulation of batches)."""
     d_mlp = int(access.mlp_out_weight(model, layer).shape[0])
     total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64)
     count = 0
@@ -89,8 +89,10 @@ def _accumulate(
         ):
             batch = tokens[first : first + batch_size].to(model.cfg.device)
             _, states = access.run_with_states(model, batch, [hook], stop_at_layer=layer + 1)
-            keys = states[hook].reshape(-1, d_mlp).to("cpu", torch.float64)
-            total += keys.T @ keys
+            keys = states[hook].reshape(-1, d_mlp).to("cpu", torch.float32)
+            # float32 products (2x faster than float64 on a CPU; one batch sums a few thousand
+            # rows, relative error ~1e-6), accumulated over batches in float64
+            total += (keys.T @ keys).double()
             count += keys.shape[0]
     mom2 = (total / count).float()
     if not torch.isfinite(mom2).all():
