@@ -223,8 +223,14 @@ def _fast_attention_forward(
     # TransformerLens 3.9's AbstractAttention.forward for the configurations that
     # _attention_is_covered admits, with copy-free projections; the helpers it calls (rotary,
     # scores, causal mask, z) are TransformerLens's own. position_bias only matters for
-    # relative positional bias, which is not covered.
-    del position_bias
+    # relative positional bias, which is not covered. The configuration can change after
+    # installing (HookedTransformer.set_use_attn_result and the like): then TransformerLens's
+    # forward runs.
+    if not _attention_is_covered(self):  # e.g. set_use_attn_result(True) after installing
+        return type(self).forward(  # type: ignore[no-any-return]
+            self, query_input, key_input, value_input, past_kv_cache_entry,
+            additive_attention_mask, attention_mask, position_bias,
+        )
     grouped = hasattr(self, "_W_K")  # GroupedQueryAttention: K and V have fewer heads
     w_k, b_k = (self._W_K, self._b_K) if grouped else (self.W_K, self.b_K)
     w_v, b_v = (self._W_V, self._b_V) if grouped else (self.W_V, self.b_V)

@@ -149,6 +149,16 @@ def test_uncovered_attention_keeps_transformerlens_forward() -> None:
 
 
 @needs_hooked
+def test_configuration_changed_after_installing_falls_back() -> None:
+    model = tiny_gemma3(seed=6)
+    reference = copy.deepcopy(model)
+    install_fast_forward(model)
+    for m in (model, reference):
+        m.set_use_attn_result(True)  # hook_result must fire, per head
+    _assert_same_run(model, reference, model.to_tokens("Per-head results"))
+
+
+@needs_hooked
 def test_fast_mlp_alone() -> None:
     model = tiny_model("gemma", seed=3)
     assert install_fast_mlp(model) == model.cfg.n_layers
