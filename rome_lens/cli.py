@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="edit Eiffel Tower -> Rome, show it, revert it")
     demo.add_argument("--model", default=None, help="model (default: embedded gemma-3-270m)")
     demo.add_argument("--layer", type=int, default=None)
+    demo.add_argument("--method", default="rome", help="editing method (rome, memit, ...)")
     demo.set_defaults(func=cmd_demo)
     edit = sub.add_parser("edit", help="compute and show one edit (ROME by default)")
     edit.add_argument("--prompt", required=True, help="prompt, with {} for the subject or not")
