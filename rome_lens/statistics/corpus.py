@@ -14,7 +14,7 @@
     sampling at all, and the same tokens under either TransformerLens version.
   - Otherwise the model samples the corpus on first use (minutes on a CPU: ~100 tokens/s for
     gemma-3-270m on 2 cores), cached per base-model fingerprint; a larger cached sample of the
-    same seed is cut down rather than sampled again.
+    same seed is cut down when that gives the same rows (whole sampling batches of 64).
 * a list of strings, or paths to text files: tokenised and cut into ``stats_seq_len`` chunks.
 * ``"hf:<dataset>[:<config>]"``: a Hugging Face dataset's ``text`` column (needs network or a
   local datasets cache).
@@ -86,6 +86,7 @@ class StatisticsConfig:
 
 
 _CORPUS_TOP_K = 40
+_SAMPLE_BATCH = 64  # sequences sampled together (changing it changes every sampled corpus)
 
 #: Where corpora shipped with the package live (see :func:`packaged_corpus`).
 PACKAGED_DIR = Path(__file__).parent / "corpora"
@@ -191,9 +192,12 @@ def _self_corpus(
     stem = f"self-k{_CORPUS_TOP_K}-s{seed}"
     corpus_id = f"{stem}-{n_seq}x{seq_len}"
     folder = cache_dir("corpus")
+    # Sampling draws batch after batch from one generator, so the first k FULL batches of a
+    # larger sample are exactly what sampling k batches gives; a partial batch is not.
+    whole_batches = n_seq % _SAMPLE_BATCH == 0
     for cached in sorted(folder.glob(f"{fp}-{stem}-*x{seq_len}.pt")):
         rows = int(cached.stem.rsplit("-", 1)[1].split("x")[0])
-        if rows >= n_seq:  # sampling is prefix-stable: the first rows are the smaller corpus
+        if rows == n_seq or (whole_batches and rows > n_seq):
             return torch.load(cached)[:n_seq], corpus_id
     tokens = _sample_corpus(model, n_seq, seq_len, seed)
     with atomic_path(folder / f"{fp}-{corpus_id}.pt") as tmp:
@@ -206,7 +210,7 @@ def _sample_corpus(model: Model, n_seq: int, seq_len: int, seed: int) -> torch.T
     logger.info("sampling the statistics corpus from the model (%d tokens)", n_seq * seq_len)
     with base_weights(model):
         tokens = sample_tokens(
-            model, n_seq, seq_len - 1, top_k=_CORPUS_TOP_K, seed=seed, batch_size=64,
+            model, n_seq, seq_len - 1, top_k=_CORPUS_TOP_K, seed=seed, batch_size=_SAMPLE_BATCH,
             progress=True, desc="statistics corpus",
         )
     assert model.tokenizer is not None

@@ -119,11 +119,23 @@ def test_smaller_sampled_corpus_is_cut_from_a_larger_cached_one(model, monkeypat
     from rome_lens.statistics import corpus as corpus_mod
 
     monkeypatch.setattr(model, "_rome_lens_source_sha256", None, raising=False)
-    large, large_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(5, 6, 3))
-    assert large.shape == (5, 6) and large_id.startswith("self-")
+    large, large_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(128, 4, 3))
+    assert large.shape == (128, 4) and large_id.startswith("self-")
     monkeypatch.setattr(corpus_mod, "_sample_corpus", _no_sampling)
-    small, small_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(3, 6, 3))
-    assert torch.equal(small, large[:3]) and small_id.endswith("-3x6")
+    small, small_id = corpus_mod.corpus_tokens(model, None, StatisticsConfig(64, 4, 3))
+    assert torch.equal(small, large[:64]) and small_id.endswith("-64x4")
+
+
+def test_cut_corpus_equals_a_fresh_sample_of_that_size(model, monkeypatch) -> None:
+    from rome_lens.statistics import corpus as corpus_mod
+
+    monkeypatch.setattr(model, "_rome_lens_source_sha256", None, raising=False)
+    large, _ = corpus_mod.corpus_tokens(model, None, StatisticsConfig(128, 4, 5))
+    fresh = corpus_mod._sample_corpus(model, 64, 4, 5)
+    assert torch.equal(large[:64], fresh)
+    # a partial batch is not a prefix of a larger sample: sampled, not cut
+    partial, _ = corpus_mod.corpus_tokens(model, None, StatisticsConfig(3, 4, 5))
+    assert torch.equal(partial, corpus_mod._sample_corpus(model, 3, 4, 5))
 
 
 def _no_sampling(*args, **kwargs):
