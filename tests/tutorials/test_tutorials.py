@@ -15,7 +15,8 @@ NOTEBOOKS = sorted(TUTORIALS.glob("[0-9]*.ipynb"))
 
 
 def test_tutorials_exist_without_outputs() -> None:
-    assert [p.name for p in NOTEBOOKS] == ["01_locate.ipynb", "02_edit.ipynb", "03_audit.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_locate.ipynb", "02_edit.ipynb", "03_audit.ipynb", "04_ripple.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name
