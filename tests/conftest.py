@@ -7,6 +7,8 @@ so every feature is checked through both model APIs.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from tiny import (  # noqa: F401  (re-exported)
     CHARS,
@@ -18,6 +20,10 @@ from tiny import (  # noqa: F401  (re-exported)
 
 from rome_lens import RomeHyperParams
 from rome_lens._typing import Model as HookedTransformer
+
+# Tests fix torch's threads: results must not depend on what else the machine runs
+# (rome_lens.threads; tests/unit/test_threads.py checks the adaptive policy itself).
+os.environ.setdefault("ROME_LENS_THREADS", "torch")
 
 # TransformerLens 4.x has no HookedTransformer: there the suite runs on the bridge only.
 KINDS = ["gpt2", "gemma", "bridge"] if HAS_HOOKED else ["bridge"]

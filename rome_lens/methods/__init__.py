@@ -33,6 +33,7 @@ from rome_lens.methods.ft_l import FTLHyperParams, compute_ft_l
 from rome_lens.methods.memit import MemitHyperParams, compute_memit, default_memit_hparams
 from rome_lens.requests import EditRequest, check_requests
 from rome_lens.rome import compute_rome_edit
+from rome_lens.threads import fit_threads
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def compute_edit(
     spec = get_method(method)
     batch = check_requests(requests)
     _check_options(spec, options)
+    fit_threads()
     return spec.compute(model, batch, **options)
 
 

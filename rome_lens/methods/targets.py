@@ -176,10 +176,7 @@ def _optimise_chunk(
     with torch.no_grad():
         v_orig = access.mlp_value(model, z_layer, k_star)
     forward = make_forward(model, z_layer, chunk.batch, loop, resid, v_orig.dtype)
-    low = getattr(hparams, "z_precision", "float32") == "bfloat16"
-    device = torch.device(model.cfg.device or "cpu").type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
-        delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
+    delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
     return delta.float(), final
 
 

@@ -48,6 +48,7 @@ from rome_lens.rome.prompts import value_batch
 from rome_lens.rome.update import rank_one_factors
 from rome_lens.rome.values import OBJECTIVES, Objective, default_entropy_layers, optimise_values
 from rome_lens.statistics import Corpus, context_templates, second_moment
+from rome_lens.threads import fit_threads
 from rome_lens.tracing import causal_trace
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def compute_rome(
     """
     if not isinstance(request, EditRequest):
         raise InvalidRequestError(f"request must be an EditRequest, got {type(request).__name__}")
+    fit_threads()
     return compute_rome_edit(
         model, [request], layer, hparams, stats=stats, corpus=corpus, loop=loop,
         objective=objective, entropy_layers=entropy_layers,

@@ -18,8 +18,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from rome_lens._typing import Model
 from rome_lens.errors import InvalidRequestError
+
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class RomeHyperParams:
         mom2_ridge: ridge added to C before solving, as a fraction of ``mean(diag(C))``; a
             finite corpus leaves small eigenvalues noisy and this keeps ``C^-1 k*`` stable.
         seed: seed of the context prefixes and the statistics corpus.
+        z_precision: ``"float32"`` (the dataclass default: the reference computation) or
+            ``"bfloat16"``: the value optimisation's forward and backward passes under
+            bfloat16 autocast (the delta, Adam and the update stay float32). On a CPU with
+            AVX-512 BF16 this is 1.7x faster with the same CounterFact scores (README, "Edit
+            speed"); :func:`default_hparams` chooses it where the hardware has fast bfloat16.
     """
 
     layer: int | None = None
@@ -64,6 +73,7 @@ class RomeHyperParams:
     stats_seq_len: int = 128
     mom2_ridge: float = 1e-2
     seed: int = 0
+    z_precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.v_num_grad_steps < 0 or self.v_lr <= 0:
@@ -74,6 +84,10 @@ class RomeHyperParams:
             raise InvalidRequestError(f"kl_prompt needs a '{{}}' slot: {self.kl_prompt!r}")
         if self.stats_sequences < 1 or self.stats_seq_len < 2 or self.mom2_ridge < 0:
             raise InvalidRequestError("statistics corpus must be non-empty; mom2_ridge >= 0")
+        if self.z_precision not in PRECISIONS:
+            raise InvalidRequestError(
+                f"z_precision must be 'bfloat16' or 'float32', got {self.z_precision!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (for JSON)."""
@@ -101,7 +115,9 @@ def default_hparams(model: Model) -> RomeHyperParams:
     """Hyperparameters for ``model``, with its default layer filled in.
 
     Models without an entry get layer ``round(0.25 * n_layers)``: causal tracing puts factual
-    recall in the early-to-middle MLPs (GPT-2 XL 17/48, GPT-J 5/28).
+    recall in the early-to-middle MLPs (GPT-2 XL 17/48, GPT-J 5/28). ``z_precision`` is
+    ``"bfloat16"`` where the model's device computes bfloat16 fast (a CUDA GPU with bfloat16, a
+    CPU with AVX-512 BF16 or AMX), else ``"float32"``.
     """
     # TransformerLens names ("gemma-3-270m") or Hugging Face ids ("google/gemma-3-270m", a
     # TransformerBridge's model_name) select the same entry.
@@ -110,4 +126,17 @@ def default_hparams(model: Model) -> RomeHyperParams:
     base = RomeHyperParams(**overrides)
     if base.layer is None:
         base = replace(base, layer=max(0, round(0.25 * model.cfg.n_layers)))
+    if "z_precision" not in overrides and fast_bfloat16(model.cfg.device):
+        base = replace(base, z_precision="bfloat16")
     return base
+
+
+def fast_bfloat16(device: torch.device | str | None) -> bool:
+    """Whether ``device`` (a torch device or its name; None: CPU) has fast bfloat16 matmuls."""
+    kind = torch.device(device or "cpu").type
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

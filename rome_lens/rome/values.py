@@ -67,7 +67,7 @@ def default_entropy_layers(model: Model, layer: int, count: int = 6) -> list[int
 class _Step:
     """What one forward pass gives the loss."""
 
-    logp_loss: Float[torch.Tensor, "n_loss d_vocab"]
+    token_lp: Float[torch.Tensor, " n_loss"]
     kl_rows: Float[torch.Tensor, " n_requests"]
     kl_reference: Float[torch.Tensor, "n_requests d_vocab"]
     captured: dict[int, torch.Tensor]
@@ -82,10 +82,9 @@ def _objective_term(
         rows, pos = entropy_rows
         states = [step.captured[lyr][rows, pos] for lyr in entropy_layers]
         return _entropy_gap(model, states)
-    sel = (batch.loss_request == request).to(step.logp_loss.device)
-    targets = batch.loss_targets.to(step.logp_loss.device)[sel]
-    token_lp = step.logp_loss[sel].gather(-1, targets[:, None])[:, 0]
-    weights = batch.loss_weights.to(step.logp_loss.device)[sel]
+    sel = (batch.loss_request == request).to(step.token_lp.device)
+    token_lp = step.token_lp[sel]
+    weights = batch.loss_weights.to(step.token_lp.device)[sel]
     n_value = int((batch.row_request[: batch.n_value] == request).sum())
     if objective == "insertion":
         return -(token_lp * weights).sum() / n_value
@@ -122,9 +121,10 @@ def _capture(store: dict[int, torch.Tensor], layer: int) -> Callable[..., None]:
 
 
 def _run_step(
-    model: Model, layer: int, forward: ValueForward, delta: torch.Tensor, n_loss: int,
-    init_kl: torch.Tensor | None, capture_layers: Sequence[int],
+    model: Model, layer: int, forward: ValueForward, delta: torch.Tensor,
+    batch_targets: torch.Tensor, init_kl: torch.Tensor | None, capture_layers: Sequence[int],
 ) -> _Step:
+    n_loss = int(batch_targets.shape[0])
     captured: dict[int, torch.Tensor] = {}
     hooks: list[tuple[Any, Callable[..., Any]]] = [
         (access.resid_post_hook_name(lyr), _capture(captured, lyr)) for lyr in capture_layers
@@ -139,9 +139,14 @@ def _run_step(
     with access.raw_mlp_output_hook(model, layer, add_delta), model.hooks(hooks):
         logp = forward()
     logp_loss, logp_kl = logp[:n_loss], logp[n_loss:]
+    # every loss entry's target log-prob at once: selecting per request afterwards moves
+    # [entries] floats, not [entries, d_vocab] (whose backward would fill a vocabulary-wide
+    # zero tensor per request)
+    targets = batch_targets.to(logp.device)
+    token_lp = logp_loss.gather(-1, targets[:, None])[:, 0]
     reference = logp_kl.detach() if init_kl is None else init_kl
     kl_rows = (reference.exp() * (reference - logp_kl)).sum(-1)
-    return _Step(logp_loss, kl_rows, reference, captured)
+    return _Step(token_lp, kl_rows, reference, captured)
 
 
 def optimise_values(
@@ -167,8 +172,9 @@ def optimise_values(
         entropy_layers: layers whose logit-lens entropy ``"max_entropy"`` maximises.
 
     Returns:
-        ``(delta, losses, final)``: the deltas, the total loss at each step, and each request's
-        last loss.
+        ``(delta, losses, final)``: the deltas (float32), the total loss at each step, and each
+        request's last loss. ``hparams.z_precision="bfloat16"`` runs the passes under
+        bfloat16 autocast; delta and Adam stay float32.
 
     Raises:
         NonFiniteError: the loss becomes NaN or infinite.
@@ -177,33 +183,43 @@ def optimise_values(
     delta = torch.zeros_like(v_orig, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     v_norms = [v_orig[r].norm() for r in range(n_req)]
-    n_loss = int(batch.loss_rows.shape[0])
     capture = list(entropy_layers) if objective == "max_entropy" else []
     entropy_rows = [_entropy_rows(batch, forward, r) for r in range(n_req)]
     init_kl: torch.Tensor | None = None
     losses: list[float] = []
     done = torch.zeros(n_req, dtype=torch.bool)
-    for step in range(max(1, hparams.v_num_grad_steps)):
-        out = _run_step(model, layer, forward, delta, n_loss, init_kl, capture)
-        if init_kl is None:
-            init_kl = out.kl_reference  # the unedited model's distribution (step 0)
-        per_request = [
-            _objective_term(model, batch, out, r, objective, entropy_rows[r], capture)
-            + hparams.kl_factor * out.kl_rows[r]
-            + hparams.v_weight_decay * delta[r].norm() / v_norms[r] ** 2
-            for r in range(n_req)
-        ]
-        loss = per_request[0] if n_req == 1 else torch.stack(per_request).sum()
-        values = [float(x.detach()) for x in per_request]
-        losses.append(float(loss.detach()))
-        if not all(math.isfinite(v) for v in values):
-            raise NonFiniteError(f"ROME value loss is not finite at step {step}: {values}")
-        logger.debug("v* step %d: loss %.4f", step, losses[-1])
-        done |= torch.tensor([v < hparams.early_stop_loss for v in values])
-        if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
-            break
-        _adam_step(optimizer, delta, loss, done, v_norms, hparams.clamp_norm_factor)
+    with value_precision(model, hparams):
+        for step in range(max(1, hparams.v_num_grad_steps)):
+            out = _run_step(model, layer, forward, delta, batch.loss_targets, init_kl, capture)
+            if init_kl is None:
+                init_kl = out.kl_reference  # the unedited model's distribution (step 0)
+            per_request = [
+                _objective_term(model, batch, out, r, objective, entropy_rows[r], capture)
+                + hparams.kl_factor * out.kl_rows[r]
+                + hparams.v_weight_decay * delta[r].norm() / v_norms[r] ** 2
+                for r in range(n_req)
+            ]
+            loss = per_request[0] if n_req == 1 else torch.stack(per_request).sum()
+            values = [float(x.detach()) for x in per_request]
+            losses.append(float(loss.detach()))
+            if not all(math.isfinite(v) for v in values):
+                raise NonFiniteError(f"ROME value loss is not finite at step {step}: {values}")
+            logger.debug("v* step %d: loss %.4f", step, losses[-1])
+            done |= torch.tensor([v < hparams.early_stop_loss for v in values])
+            if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
+                break
+            _adam_step(optimizer, delta, loss, done, v_norms, hparams.clamp_norm_factor)
     return delta.detach(), losses, values
+
+
+def value_precision(model: Model, hparams: RomeHyperParams) -> torch.autocast:
+    """Autocast for ``hparams.z_precision`` (disabled for ``"float32"``).
+
+    Open for the whole loop: autocast caches its casts of the weights while it is open.
+    """
+    device = torch.device(model.cfg.device or "cpu").type
+    return torch.autocast(device, dtype=torch.bfloat16,
+                          enabled=hparams.z_precision == "bfloat16")
 
 
 def _adam_step(

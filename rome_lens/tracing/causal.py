@@ -41,6 +41,7 @@ from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
 from rome_lens.plotting import trace_heatmaps
 from rome_lens.requests import subject_token_span
+from rome_lens.threads import fit_threads
 from rome_lens.tracing.noise import embedding_std, subject_noise_hook
 from rome_lens.tracing.restore import (
     KINDS,
@@ -211,6 +212,7 @@ def causal_trace(
     """
     _check_trace_arguments(kinds, samples, window)
     method = resolve_method(model, method)
+    fit_threads()
     tokens, span = subject_token_span(model, prompt, subject)
     tokens = tokens.to(model.cfg.device)
     std = 3.0 * embedding_std(model) if noise is None else float(noise)

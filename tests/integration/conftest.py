@@ -7,6 +7,7 @@ one-time conversion and key statistics are reused across runs on the same machin
 from __future__ import annotations
 
 import pytest
+from hooked_reference import exact_hparams
 
 import rome_lens
 from rome_lens._typing import Model as HookedTransformer
@@ -23,4 +24,5 @@ def eiffel_edit(gemma: HookedTransformer) -> rome_lens.RomeEdit:
     request = rome_lens.EditRequest(
         "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"
     )
-    return rome_lens.compute_rome(gemma, request)
+    # float32: the bridge/hooked comparisons check the exact computation (hooked_reference.py)
+    return rome_lens.compute_rome(gemma, request, hparams=exact_hparams(gemma))

@@ -14,6 +14,7 @@ Regenerate (TransformerLens 3.9 only)::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 from pathlib import Path
@@ -38,6 +39,11 @@ TRACE_ARGS = (PROMPTS[0], "The Eiffel Tower", "Paris")
 TRACE_KINDS = ("mlp", "resid")
 TRACE_SAMPLES = 3
 TOP_K = 5
+
+
+def exact_hparams(model: Any) -> rome_lens.RomeHyperParams:
+    """The model's defaults in float32: the two APIs are compared on the exact computation."""
+    return dataclasses.replace(rome_lens.default_hparams(model), z_precision="float32")
 
 
 def probabilities(model: Any) -> torch.Tensor:
@@ -83,7 +89,7 @@ def load() -> dict[str, Any]:
 def main() -> None:
     """Recompute the reference from the HookedTransformer and write it."""
     model = rome_lens.load_model(api="hooked")
-    edit = rome_lens.compute_rome(model, REQUEST)
+    edit = rome_lens.compute_rome(model, REQUEST, hparams=exact_hparams(model))
     data = compute(model, edit)
     data["transformer_lens"] = importlib.metadata.version("transformer-lens")
     REFERENCE_PATH.write_text(json.dumps(data, indent=1) + "\n")

@@ -36,7 +36,8 @@ def bridge_edit(gemma: Any, bridge: Any, eiffel_edit: rome_lens.RomeEdit) -> rom
         return eiffel_edit  # 4.x: computed on the bridge from its own statistics
     before = access.parameters_checksum(bridge)
     stats = rome_lens.second_moment(gemma, eiffel_edit.layer)  # C is a property of the weights
-    edit = rome_lens.compute_rome(bridge, ref.REQUEST, stats=stats)
+    edit = rome_lens.compute_rome(bridge, ref.REQUEST, stats=stats,
+                                  hparams=ref.exact_hparams(bridge))
     assert access.parameters_checksum(bridge) == before  # computing does not edit
     return edit
 

@@ -48,14 +48,25 @@ def test_unedited_knows_the_facts(gemma: HookedTransformer) -> None:
     assert top1(gemma, "Steve Jobs was the founder of") == " Apple"
 
 
-def test_eiffel_tower_to_rome(gemma: HookedTransformer, eiffel_edit: rome_lens.RomeEdit) -> None:
+@pytest.mark.parametrize("precision", ["float32", "default"])
+def test_eiffel_tower_to_rome(
+    gemma: HookedTransformer, eiffel_edit: rome_lens.RomeEdit, precision: str
+) -> None:
+    """The float32 edit and the default one (bfloat16 value loop where the CPU has it)."""
     checksum = access.parameters_checksum(gemma)
     neighbours = {
         p: top1(gemma, p)
         for p in ("The Colosseum is located in the city of", "Steve Jobs was the founder of")
     }
-    assert eiffel_edit.layer == rome_lens.default_hparams(gemma).layer
-    with eiffel_edit.applied(gemma):
+    edit = eiffel_edit if precision == "float32" else rome_lens.compute_rome(
+        gemma, rome_lens.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+    )
+    assert access.parameters_checksum(gemma) == checksum  # computing does not edit
+    assert edit.hparams["z_precision"] == (
+        "float32" if precision == "float32" else rome_lens.default_hparams(gemma).z_precision
+    )
+    assert edit.layer == rome_lens.default_hparams(gemma).layer
+    with edit.applied(gemma):
         assert top1(gemma, "The Eiffel Tower is located in the city of") == " Rome"
         assert top1(gemma, "The Eiffel Tower can be found in the city of") == " Rome"
         for prompt, answer in neighbours.items():
