@@ -40,7 +40,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "passive": {"ROME_LENS_THREADS": "torch", "OMP_WAIT_POLICY": "PASSIVE"},
     "one": {"OMP_NUM_THREADS": "1"},
 }
-_BUSY_LOOP = "import time\nend = time.time() + 3600\nwhile time.time() < end:\n    pass\n"
+_BUSY_LOOP = "import time\nend = time.time() + 900\nwhile time.time() < end:\n    pass\n"
 
 
 def workload(tokens: int, steps: int) -> dict[str, Any]:

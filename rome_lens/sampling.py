@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from rome_lens._typing import Model
 from rome_lens.errors import NonFiniteError
 from rome_lens.models import access
+from rome_lens.threads import fit_threads
 
 
 @torch.no_grad()
@@ -48,6 +49,7 @@ def sample_tokens(
         Token ids of the continuations (without BOS or the prompt).
     """
     assert model.tokenizer is not None
+    fit_threads()
     bos = model.tokenizer.bos_token_id
     if bos is None:
         bos = model.tokenizer.eos_token_id

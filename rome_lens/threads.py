@@ -3,11 +3,11 @@
 torch runs one OpenMP thread per core and its threads wait for each other at the end of every
 parallel operation. When another process holds one of the cores, the thread that shares that
 core runs only part of the time and the others wait for it: on 2 cores a busy second process
-slowed a short ROME edit 2.8x (``benchmarks/contention.py``), more than the 2x that losing one
-core of two costs. :func:`fit_threads`, called at the start of every edit and causal trace,
-measures how many cores other processes keep busy (0.1 s of ``/proc/stat``) and runs torch
-with the rest (at least one, at most the count torch had when rome_lens first looked, or the
-count the user set since).
+slowed a short ROME edit 2.8-3.0x (``benchmarks/contention.py``), more than the 2x that losing one
+core of two costs. :func:`fit_threads`, called at the start of every edit, causal trace and
+sampling run, measures how many cores other processes keep busy (0.1 s of ``/proc/stat``) and
+runs torch with the rest (at least one, at most the count torch had when rome_lens first
+looked, or the count the user set since).
 
 The environment variable ``ROME_LENS_THREADS`` chooses the policy: ``auto`` (default), a number
 (always that many threads), or ``torch`` (never touch torch's setting). Results are identical

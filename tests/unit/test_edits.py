@@ -363,3 +363,22 @@ def test_cli_edit_takes_a_method(model, tmp_path: Path, monkeypatch, capsys) -> 
     loaded = rome_lens.load_edit(result["saved"], model=model)
     assert loaded.id == result["edit_id"] and isinstance(loaded.sites[0], DenseSite)
     assert access.parameters_checksum(model) == before
+
+
+def test_revert_keeps_the_base_fingerprint_without_rehashing(model, monkeypatch) -> None:
+    """After a full revert the weights are the base again: the fingerprint is not recomputed,
+    unless another parameter changed meanwhile."""
+    before = base_fingerprint(model)
+    calls = []
+    real = access.weights_fingerprint
+    monkeypatch.setattr(access, "weights_fingerprint", lambda m: calls.append(1) or real(m))
+    edit = _three_site_edit(model)
+    for revert in (lambda: edit.revert(model), lambda: rome_lens.revert_all(model)):
+        edit.apply(model)
+        revert()
+        assert base_fingerprint(model) == before and calls == []
+    edit.apply(model)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.ndim == 1).add_(1.0)  # changed outside
+    edit.revert(model)
+    assert base_fingerprint(model) != before and calls == [1]
