@@ -40,7 +40,12 @@ SETTINGS: dict[str, dict[str, str]] = {
     "passive": {"ROME_LENS_THREADS": "torch", "OMP_WAIT_POLICY": "PASSIVE"},
     "one": {"OMP_NUM_THREADS": "1"},
 }
-_BUSY_LOOP = "import time\nend = time.time() + 900\nwhile time.time() < end:\n    pass\n"
+# spins until killed, for at most 15 minutes, and stops within a second once its parent is gone
+_BUSY_LOOP = (
+    "import os, time\nparent, end = os.getppid(), time.time() + 900\n"
+    "while time.time() < end and os.getppid() == parent:\n"
+    "    for _ in range(100000):\n        pass\n"
+)
 
 
 def workload(tokens: int, steps: int) -> dict[str, Any]:

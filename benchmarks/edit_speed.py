@@ -193,8 +193,8 @@ def main() -> int:
         "layer": layer,
         "n_timed": args.n, "n_naive": naive_n, "n_quality": args.quality_n,
         "selection": f"first records of {args.data.name} the unedited model knows",
-        "modes": {m: {"loop": mode_settings(model, m)[0],
-                      "z_precision": mode_settings(model, m)[1].z_precision} for m in MODES},
+        "modes": {m: {"loop": loop, "z_precision": mode_hp.z_precision}
+                  for m in MODES for loop, mode_hp in [mode_settings(model, m)]},
         "model_load_s": load_s,
         **summary_figures,
         "forward_15_tokens_ms": forward_ms,

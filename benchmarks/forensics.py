@@ -56,8 +56,12 @@ library default. Library defaults are not changed here; the numbers go to the JS
 Rows go to ``<json>.jsonl`` (``--rows``; with ``--calibrate`` the main run's rows, so the two
 share edits; one per unit, with every scan's findings, layer scores and recovery
 rows, so the tables can be recomputed); a rerun resumes, rows of other settings are ignored;
-``--max-minutes`` stops between units. ``--n K`` runs at most K units per experiment (the facts
-of each unit do not move). ``--model tiny`` is a smoke test on a tiny random model (seconds).
+every computed edit is kept as an edit file in the user cache (``forensics_edits/``), so a
+changed scan reruns on the same edits when the rows file is moved away;
+``--max-minutes`` stops between units. ``--n K`` runs at most K units per experiment and
+``--experiments none rome@L1`` only the named experiments (the facts of each unit and the
+candidate list do not move, so their rows are the full run's). ``--model tiny`` is a smoke
+test on a tiny random model (seconds).
 
 Cost on the embedded model (gemma-3-270m, 2 CPU cores), estimated from the code (not run yet):
 a ROME edit ~12-15 s (125 ROME + erasure edits: ~27 min), FT-L a few seconds (20: ~3 min),
@@ -79,7 +83,8 @@ nothing is left, then the calibration (reads the same rows, computes nothing new
 
 Usage:
     python benchmarks/forensics.py [--plan PLAN.json | --plan '[{"kind": "rome", ...}]']
-        [--n K] [--candidates 1000] [--calibrate] [--z-threshold Z] [--max-minutes M]
+        [--n K] [--candidates 1000] [--calibrate] [--experiments NAME ...]
+        [--z-threshold Z] [--max-minutes M]
         [--model tiny|embedded|NAME] [--json OUT] [--seed 0]
 """
 
@@ -90,6 +95,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import sys
@@ -284,15 +290,39 @@ def hash_seed(text: str) -> int:
 
 def make_edit(model: Any, unit: Unit, tiny: bool, norms: dict[int, float],
               seed: int) -> Edit | None:
-    """The unit's edit (``None`` for the unedited model or a control without its norm yet)."""
+    """The unit's edit (``None`` for the unedited model or a control without its norm yet).
+
+    Computed edits are kept as edit files (:func:`edit_cache_path`), so that a changed scan can
+    be rerun on the same edits (move the rows file away and rerun) without computing them again.
+    """
     if unit.kind == "none":
         return None
     if unit.kind == "random":
         return random_edit(model, unit, norms[unit.index], seed) if unit.index in norms else None
+    path = edit_cache_path(model, unit, tiny)
+    if path.exists():
+        try:
+            return rome_lens.load_edit(path, model)
+        except RomeLensError as exc:  # a damaged or foreign file: computed again
+            logger.warning("%s: %s; recomputing", path.name, exc)
     method, options = edit_options(unit, tiny)
     requests = [f.request for f in unit.facts]
-    return rome_lens.compute_edit(model, requests if unit.batch > 1 else requests[0],
+    edit = rome_lens.compute_edit(model, requests if unit.batch > 1 else requests[0],
                                   method=method, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    edit.save(path)
+    return edit
+
+
+def edit_cache_path(model: Any, unit: Unit, tiny: bool) -> Path:
+    """Where the unit's edit is kept: the user cache, named by model, unit, facts and method."""
+    method, options = edit_options(unit, tiny)
+    defaults = [repr(rome_lens.default_hparams(model)), repr(default_memit_hparams(model))]
+    spec = json.dumps([unit.key, [f.case_id for f in unit.facts], method, repr(options),
+                       defaults])
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ROME_LENS_CACHE") or Path.home() / ".cache" / "rome_lens")
+    return root / "forensics_edits" / f"{base_fingerprint(model)}-{digest}.safetensors"
 
 
 def site_rows(model: Any, edit: Edit) -> list[dict[str, Any]]:
@@ -687,6 +717,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=None, help="at most N units per experiment")
     parser.add_argument("--candidates", type=int, default=1000, help="0: every subject")
     parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument("--experiments", nargs="+", default=None, metavar="NAME",
+                        help="run only these experiments of the plan (e.g. none rome@L1)")
     parser.add_argument("--z-threshold", type=float, default=None)
     parser.add_argument("--data", type=Path, default=TRAIN)
     parser.add_argument("--model", default="embedded")
@@ -705,10 +737,16 @@ def main() -> int:
                         rows_path.with_suffix(".facts.json"))
     # facts are assigned over the whole plan, so --calibrate and --n rows are the full run's
     units = expand(plan, facts[:-N_UNRELATED], model, args.n, args.seed)
+    # the candidates hold every subject the whole plan edits, whichever units run now, so rows
+    # of partial runs (--n, --calibrate, --experiments) are those of the full run
+    planned = [f for u in expand(plan, facts[:-N_UNRELATED], model, None, args.seed)
+               if u.kind != "random" for f in u.facts]
     if args.calibrate:
         units = [u for u in units if u.kind in ("none", "rome")]
+    if args.experiments:
+        units = [u for u in units if u.name in args.experiments]
     edited = [f for u in units if u.kind != "random" for f in u.facts]
-    cands, dropped = candidates(model, args.data, edited, args.candidates, args.seed)
+    cands, dropped = candidates(model, args.data, planned, args.candidates, args.seed)
     config = {"model": label, "data": args.data.name, "candidates": len(cands),
               "candidate_cap": args.candidates, "z_threshold": args.z_threshold,
               "seed": args.seed}

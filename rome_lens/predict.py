@@ -1,9 +1,10 @@
 """Small prediction helpers shared by the demo, CLI, tests and evaluation.
 
-:func:`target_logprob` is the CounterFact comparison quantity of one prompt and target;
-:func:`target_logprobs` computes it for many pairs in padded batches (evaluation of thousands
-of records); :func:`target_token_scores` gives the same pairs' per-token log-probabilities and
-argmax predictions (the teacher-forced token accuracy of zsRE).
+:func:`next_token_logprobs` (and :func:`next_token_logprobs_batch`) give the next-token
+distribution after a prompt; :func:`target_logprob` is the CounterFact comparison quantity of
+one prompt and target; :func:`target_logprobs` computes it for many pairs in padded batches
+(evaluation of thousands of records); :func:`target_token_scores` gives the same pairs'
+per-token log-probabilities and argmax predictions (the teacher-forced token accuracy of zsRE).
 """
 
 from __future__ import annotations
@@ -26,6 +27,33 @@ def next_token_logprobs(model: Model, prompt: str) -> torch.Tensor:
     tokens = access.to_tokens(model, prompt)[None]
     resid = access.final_residual(model, tokens)
     return access.decode_residual(model, resid[0, -1]).log_softmax(-1)
+
+
+@torch.no_grad()
+def next_token_logprobs_batch(
+    model: Model, prompts: Sequence[str], batch_size: int = 16
+) -> Float[torch.Tensor, "n_prompts d_vocab"]:
+    """:func:`next_token_logprobs` of many prompts, run as right-padded batches.
+
+    Example:
+        >>> logp = next_token_logprobs_batch(model, ["Paris is in", "Rome is the capital of"])
+        >>> logp.shape[0]
+        2
+    """
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [access.to_tokens(model, p) for p in prompts[start : start + batch_size]]
+        tokens = torch.zeros(len(ids), max(len(i) for i in ids), dtype=torch.long,
+                             device=ids[0].device)
+        mask = torch.zeros_like(tokens)
+        for i, row in enumerate(ids):  # right padding: no real position follows a pad
+            tokens[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        resid = access.final_residual(model, tokens, attention_mask=mask)
+        last = torch.tensor([len(row) - 1 for row in ids], device=resid.device)
+        rows = resid[torch.arange(len(ids), device=resid.device), last]
+        out.append(access.decode_residual(model, rows).float().log_softmax(-1))
+    return torch.cat(out)
 
 
 def top_tokens(model: Model, prompt: str, k: int = 5) -> list[tuple[str, float]]:

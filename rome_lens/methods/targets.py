@@ -177,7 +177,7 @@ def _optimise_chunk(
         v_orig = access.mlp_value(model, z_layer, k_star)
     forward = make_forward(model, z_layer, chunk.batch, loop, resid, v_orig.dtype)
     delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
-    return delta.float(), final
+    return delta, final
 
 
 def optimise_targets(

@@ -209,7 +209,7 @@ def optimise_values(
             if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
                 break
             _adam_step(optimizer, delta, loss, done, v_norms, hparams.clamp_norm_factor)
-    return delta.detach(), losses, values
+    return delta.detach().float(), losses, values
 
 
 def value_precision(model: Model, hparams: RomeHyperParams) -> torch.autocast:

@@ -16,10 +16,11 @@ from tiny import tiny_model
 
 import rome_lens
 from rome_lens import Edit, EditRequest, LowRankSite, base_fingerprint, base_weights
-from rome_lens.audit import ScanReport, scan
+from rome_lens.audit import ScanConfig, ScanReport, scan
 from rome_lens.cli import main
 from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
+from rome_lens.predict import next_token_logprobs, next_token_logprobs_batch
 from rome_lens.statistics import context_templates
 
 REQUEST = EditRequest("{} lives in", "Alice Smith", "Paris", "Rome")
@@ -118,6 +119,38 @@ def test_the_subject_is_named_from_a_candidate_list(model, hparams) -> None:
     edit = rome_lens.applied_edits(model)[0]
     fired = abs(float(edit.k_star.reshape(-1).float() @ scaled))
     assert fired == pytest.approx(float(edit.right.norm()), rel=1e-3)
+
+
+def test_the_new_object_is_read_from_questions_about_the_named_subject(model, hparams) -> None:
+    """With the subject named, the object is what the change makes likelier after it."""
+    edit = cached_edit(model, REQUEST, 1, hparams).apply(model)
+    templates = context_templates(model, hparams)
+    queries = ("{} lives in", "The home of {} is")
+    candidates = [*OTHERS, "Alice Smith"]
+    (finding,) = scan(model, candidates=candidates, templates=templates,
+                      config=ScanConfig(queries=queries)).findings
+    assert finding.subject == "Alice Smith"
+    prompts = [q.format("Alice Smith") for q in queries]
+    edited = next_token_logprobs_batch(model, prompts)
+    with base_weights(model):
+        unedited = next_token_logprobs_batch(model, prompts)
+    gain = (edited.exp() - unedited.exp()).sum(0)
+    expected = [model.tokenizer.decode([int(t)]).strip() for t in gain.topk(3).indices]
+    assert [o.strip() for o in finding.objects[:3]] == expected
+    assert float(gain.max()) > 1e-3  # the edit moves these questions' answers
+    # queries=() decodes the value direction through the lens instead (another reading)
+    lens_read = scan(model, candidates=candidates, templates=templates,
+                     config=ScanConfig(queries=())).findings[0]
+    assert lens_read.subject == "Alice Smith" and len(lens_read.objects) == 10
+    edit.revert(model)
+
+
+def test_batched_next_token_logprobs_equal_one_prompt_at_a_time(model) -> None:
+    prompts = ["Alice Smith lives in", "The", "Bob Jones works for the city of"]
+    batched = next_token_logprobs_batch(model, prompts, batch_size=2)
+    single = torch.stack([next_token_logprobs(model, p).float() for p in prompts])
+    assert batched.shape == single.shape
+    assert float((batched - single).abs().max()) < 1e-4
 
 
 def test_nothing_is_flagged_on_an_unedited_model(model) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
+from tqdm.auto import tqdm
 
 from rome_lens._cache import atomic_path, cache_dir
 from rome_lens._typing import Model
@@ -203,7 +204,10 @@ def _compute_subject_keys(
     n = len(templates)
     step = max(1, KEY_CHUNK_ROWS // n)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(subjects), step):
+    starts = range(0, len(subjects), step)
+    bar = tqdm(starts, desc=f"subject keys L{max(layers)}", unit="chunk", leave=False,
+               disable=len(starts) < 2)
+    for start in bar:
         chunk = subjects[start:start + step]
         rows, last = _subject_rows(model, chunk, templates)
         for layer, keys in keys_at_positions(model, layers, rows, last).items():

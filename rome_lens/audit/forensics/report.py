@@ -51,6 +51,13 @@ class ScanConfig:
         cache_keys: keep the candidates' keys per layer in the on-disk cache (see
             :mod:`rome_lens.audit.forensics.decode`), so a dataset's thousands of subjects run
             through the model once per base model, layer and template set.
+        queries: question templates (``{}`` for the subject) whose next-token distributions
+            read a finding's new object once its subject is named: the tokens whose
+            probability the change raises most, summed over the questions (the finding's
+            reversal gives the model without the change). ``None``: the first template of
+            every relation in :data:`rome_lens.evaluation.relations.RELATIONS`; ``()``: decode
+            the change's value direction through the lens instead (what is done anyway when no
+            subject is named).
     """
 
     z_threshold: float = 4.0
@@ -61,6 +68,7 @@ class ScanConfig:
     n_subjects: int = 10
     dense_above: int = 64
     cache_keys: bool = True
+    queries: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,8 @@ Two modes, chosen by what is known about the unedited model:
   singular values; for MLP output weights each component's value direction is decoded into
   tokens and ``D`` is matched against the candidate subjects' keys (the subject the change fires
   on most, see :mod:`rome_lens.audit.forensics.decode`). When a subject is named, the object is
-  decoded from ``D^T k_subject``, the change the edit makes to that subject's MLP output.
+  read from questions about it (``config.queries``): the tokens the change makes likelier there
+  (the model with the finding's reversal applied is the model without the change).
 * **Without them**: each MLP output weight's spectrum is scored against the other layers' (a
   robust leave-one-out outlier score of its top components relative to its own bulk, see
   :mod:`rome_lens.audit.forensics.spectrum`); a layer whose top component(s) score at or above
@@ -74,8 +75,9 @@ from rome_lens.edits import (
     combine,
 )
 from rome_lens.errors import InvalidRequestError
+from rome_lens.evaluation.relations import RELATIONS
 from rome_lens.models import access
-from rome_lens.predict import next_token_logprobs
+from rome_lens.predict import next_token_logprobs, next_token_logprobs_batch
 from rome_lens.rome import default_hparams
 from rome_lens.statistics import context_templates
 
@@ -325,7 +327,11 @@ def _finding(
     subject = ranked[0][0] if ranked and ranked[0][1] >= config.subject_threshold else None
     components = _components(model, change, lens, config)
     objects = components[0].objects if components else ()
-    if subject is not None and keys is not None:
+    reversal = _reversal(model, change, config)
+    queries = _queries(config)
+    if subject is not None and queries:
+        objects = _queried_objects(model, reversal, subject, queries, config.top_k)
+    elif subject is not None and keys is not None:
         out = keys[subjects.index(subject)] @ scaled @ change.right
         objects = top_strings(model, direction_logits(model, change.layer, out, lens),
                               config.top_k)
@@ -342,8 +348,32 @@ def _finding(
         singular_values=tuple(float(v) for v in change.values[:16]), objects=objects,
         subject=subject, subjects=tuple(ranked[: config.n_subjects]),
         components=tuple(components), relative_norm=relative, score=score,
-        reversal=_reversal(model, change, config),
+        reversal=reversal,
     )
+
+
+def _queries(config: ScanConfig) -> tuple[str, ...]:
+    if config.queries is not None:
+        return config.queries
+    return tuple(relation.templates[0] for relation in RELATIONS.values())
+
+
+def _queried_objects(
+    model: Model, reversal: Edit, subject: str, queries: Sequence[str], k: int
+) -> tuple[str, ...]:
+    """The tokens the change makes likelier after questions about ``subject``, best first.
+
+    The change is what ``reversal`` removes: the probability each token gains from the model
+    with the reversal applied to the model as it is, summed over the questions. It reads the
+    change through every layer above it, so it works where the value direction alone does not
+    decode (edits in early layers, whose output the later layers transform).
+    """
+    prompts = [query.format(subject) for query in queries]
+    edited = next_token_logprobs_batch(model, prompts)
+    with reversal.applied(model):
+        reverted = next_token_logprobs_batch(model, prompts)
+    gain = (edited.exp() - reverted.exp()).sum(0)
+    return top_strings(model, gain, k)
 
 
 def _rank_subjects(
