@@ -88,16 +88,22 @@ def test_same_rome_edit_through_both_apis(
 def test_hooked_reference_file_is_current(
     gemma: Any, eiffel_edit: rome_lens.RomeEdit, reference: dict[str, Any]
 ) -> None:
-    """The stored HookedTransformer numbers are what this HookedTransformer computes now."""
+    """The stored HookedTransformer numbers are what this HookedTransformer computes now.
+
+    Within 5e-5: float32 kernels differ between CPUs (the file written on an AVX-512 machine
+    and read on an AVX2 one differed by up to 1.3e-5 unedited, 3e-6 edited, 2e-5 traced), while
+    a change of the computation moves these numbers by far more.
+    """
+    tol = 5e-5
     assert reference["prompts"] == ref.PROMPTS and reference["layer"] == eiffel_edit.layer
-    _assert_close_to_reference(ref.probabilities(gemma), reference["unedited"], 1e-5)
+    _assert_close_to_reference(ref.probabilities(gemma), reference["unedited"], tol)
     with eiffel_edit.applied(gemma):
-        _assert_close_to_reference(ref.probabilities(gemma), reference["edited"], 1e-5)
+        _assert_close_to_reference(ref.probabilities(gemma), reference["edited"], tol)
     result = ref.trace(gemma)
-    assert abs(result.p_clean - reference["trace"]["p_clean"]) < 1e-5
+    assert abs(result.p_clean - reference["trace"]["p_clean"]) < tol
     for kind in ref.TRACE_KINDS:
         stored = torch.tensor(reference["trace"]["scores"][kind])
-        assert float((result.scores[kind] - stored).abs().max()) < 1e-5, kind
+        assert float((result.scores[kind] - stored).abs().max()) < tol, kind
 
 
 def test_bridge_edit_matches_hooked_reference(
