@@ -1,17 +1,23 @@
-"""Exploration for blind edit detection (issue #17): an edit in C's low-variance key subspace.
+"""Blind edit detection in C's low-variance key subspace, on the embedded model (issue #17).
 
 ROME's update is ``u r^T`` with ``u ∝ C^-1 k*``: in the eigenbasis of the key statistics C its
 key side is ``(E^T k*) / lambda``, concentrated on the directions ordinary text rarely excites.
-The unedited weight has no reason to hold a single outstanding component there, so the ratio
-of the two largest singular values of ``E_m^T W`` (``E_m``: the ``m`` eigenvectors of C with the
-smallest eigenvalues) should single the edited layer out better than the plain spectrum of W.
-For each statistic this script prints the robust z-score of the log ratio at each layer against
-the other layers (median / MAD), on the unedited model and after each of ``--n`` ROME edits at
-the default layer, and whether the new object is read back from questions about the subject
-(:class:`rome_lens.audit.ScanConfig` ``queries``: the tokens the edit makes likelier).
+The unedited weight has no reason to hold one outstanding component there, so ``log(s1/s2)`` of
+``E_m^T W`` (``E_m``: the ``m`` eigenvectors of C with the smallest eigenvalues) singles an edited
+layer out where the plain spectrum of W does not.
 
-Usage:
-    python benchmarks/forensics_subspace.py [--n 5]
+For the unedited model and after each edit (``--n`` ROME edits at the default layer, ``--n-deep``
+at a deeper layer, ``--memit`` MEMIT batches of ``--batch`` facts), this script records every
+layer's ``log(s1/s2)`` of W and of ``E_m^T W`` for several ``m`` (raw values: any score can be
+recomputed from the JSON) and two scores of each subspace, both robust leave-one-out z-scores
+over layers (median / MAD): ``zdiff`` = z(low) - z(plain) and ``logdiff`` = z(low - plain).
+It then runs the library's blind scan (``scan(model, use_registry=False)``, default
+:class:`rome_lens.audit.ScanConfig`) with the edited subjects among distractors as candidates,
+and reports per edit the flagged layers, the named subject, the new object read from questions
+about it, and whether the scan's reversal restores the edit prompt's unedited top-1 token.
+
+Usage (run alone; ~35 s per ROME edit on 2 AVX2 cores, the key statistics of every layer once):
+    python benchmarks/forensics_subspace.py [--n 15] [--n-deep 5] [--memit 2] [--batch 10]
         [--json benchmarks/results/forensics_subspace.json]
 """
 
@@ -20,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,116 +38,199 @@ from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
 from rome_lens import evaluation as ev  # noqa: E402
-from rome_lens.evaluation.relations import RELATIONS  # noqa: E402
+from rome_lens.audit import ScanConfig, scan  # noqa: E402
+from rome_lens.audit.forensics.spectrum import leave_one_out_z, top_ratio  # noqa: E402
 from rome_lens.models import access  # noqa: E402
-from rome_lens.predict import next_token_logprobs_batch  # noqa: E402
 from rome_lens.requests import target_tokens  # noqa: E402
-from rome_lens.statistics import corpus_tokens  # noqa: E402
+from rome_lens.statistics import second_moments  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-dev.json"
-SUBSPACES = (16, 64, 256, 1024)
+SUBSPACES = (64, 256, 512)
+FLOOR = ScanConfig().z_floor
 
 
-def key_eigenbases(model: Any, hp: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Eigenvalues (ascending) and eigenvectors of C at every layer, from one corpus pass."""
-    tokens, _ = corpus_tokens(model, None, hp)
-    hooks = [access.key_hook_name(layer) for layer in range(model.cfg.n_layers)]
-    d_mlp = int(access.mlp_out_weight(model, 0).shape[0])
-    totals = [torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for _ in hooks]
-    count = 0
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], 16):
-            _, states = access.run_with_states(model, tokens[start:start + 16], hooks)
-            for total, hook in zip(totals, hooks, strict=True):
-                keys = states[hook].reshape(-1, d_mlp).float()
-                total += (keys.T @ keys).double()
-            count += states[hooks[0]].reshape(-1, d_mlp).shape[0]
-    out = []
-    for total in totals:
-        lam, vecs = torch.linalg.eigh(total / count)
-        out.append((lam.float(), vecs.float()))
-    return out
+def eigenbases(model: Any, hp: Any) -> list[torch.Tensor]:
+    """Eigenvectors of C at every layer, ascending eigenvalues (C from one cached pass)."""
+    layers = list(range(model.cfg.n_layers))
+    moments = second_moments(model, layers, hparams=hp)
+    return [torch.linalg.eigh(moments[layer].double().cpu())[1].float() for layer in layers]
 
 
-def layer_statistics(model: Any, layer: int, eig: tuple[torch.Tensor, torch.Tensor]
-                     ) -> dict[str, float]:
-    """s1 / s2 of W, of W in the m lowest-variance key directions, and of C^-1/2 W."""
-    weight = access.read_mlp_out(model, layer).float()
-    lam, vecs = eig
-    s = torch.linalg.svdvals(weight)
-    out = {"plain": float(s[0] / s[1])}
+def raw_ratios(model: Any, bases: list[torch.Tensor]) -> dict[str, list[float]]:
+    """``log(s1/s2)`` of every layer's W and of W in the m lowest-variance key directions."""
+    weights = [access.read_mlp_out(model, layer).float().cpu()
+               for layer in range(model.cfg.n_layers)]
+    out = {"plain": [top_ratio(w) for w in weights]}
     for m in SUBSPACES:
-        s = torch.linalg.svdvals(vecs[:, :m].T @ weight)
-        out[f"low{m}"] = float(s[0] / s[1])
-    scale = lam.clamp_min(float(lam.max()) * 1e-6).sqrt()[:, None]
-    s = torch.linalg.svdvals((vecs.T @ weight) / scale)
-    out["whitened"] = float(s[0] / s[1])
+        out[f"low{m}"] = [top_ratio(e[:, :m].T @ w) for w, e in zip(weights, bases, strict=True)]
     return out
 
 
-def robust_z(values: list[float], layer: int) -> float:
-    """The log value at ``layer`` against the other layers' (median, 1.4826 MAD)."""
-    others = torch.tensor([math.log(v) for i, v in enumerate(values) if i != layer])
-    median = others.median()
-    mad = float((others - median).abs().median()) * 1.4826 + 1e-9
-    return float((math.log(values[layer]) - median) / mad)
+def scores(raw: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``zdiff{m}`` and ``logdiff{m}`` of every layer, and the plain spectrum's own z."""
+    plain = torch.tensor(raw["plain"])
+    out = {"plain": leave_one_out_z(plain, FLOOR).tolist()}
+    for m in SUBSPACES:
+        low = torch.tensor(raw[f"low{m}"])
+        out[f"zdiff{m}"] = (leave_one_out_z(low, FLOOR) - leave_one_out_z(plain, FLOOR)).tolist()
+        out[f"logdiff{m}"] = leave_one_out_z(low - plain, FLOOR).tolist()
+    return out
 
 
-def object_rank(model: Any, edit: Any, record: Any) -> tuple[int | None, list[str]]:
-    """Rank of the new object's first token among the tokens the edit makes likelier."""
-    prompts = [r.templates[0].format(record.request.subject) for r in RELATIONS.values()]
+def blind_scan(model: Any, edit: Any, records: list[Any], distractors: list[str]
+               ) -> dict[str, Any]:
+    """The library's blind scan of the edited model, scored against the edit's facts."""
+    subjects = [r.request.subject for r in records]
+    prompt = records[0].request.text
+    unedited_top = rome_lens.top_tokens(model, prompt, 1)[0][0]
     with edit.applied(model):
-        edited = next_token_logprobs_batch(model, prompts)
-    unedited = next_token_logprobs_batch(model, prompts)
-    top = (edited.exp() - unedited.exp()).sum(0).topk(10).indices.tolist()
-    new = int(target_tokens(model, record.target_new)[0])
-    return (top.index(new) if new in top else None), [model.tokenizer.decode([t]) for t in top]
+        t0 = time.perf_counter()
+        report = scan(model, use_registry=False, candidates=[*subjects, *distractors])
+        seconds = time.perf_counter() - t0
+        edited_top = rome_lens.top_tokens(model, prompt, 1)[0][0]
+        restored = None
+        if report.reversal is not None:
+            with report.reversal.applied(model):
+                restored = rome_lens.top_tokens(model, prompt, 1)[0][0] == unedited_top
+    named = {f.subject for f in report.findings if f.subject is not None}
+    first = {r.request.subject: ev_first(model, r.target_new) for r in records}
+    hits = [any(f.subject == s and f.objects and _norm(f.objects[0]) == first[s]
+                for f in report.findings) for s in subjects]
+    return {
+        "layers": list(report.layers), "modes": [f.mode for f in report.findings],
+        "key_scores": [round(float(s), 3) for s in report.key_scores]
+        if report.key_scores is not None else None,
+        "subjects_named": sum(s in named for s in subjects), "facts": len(subjects),
+        "object_top1": sum(hits), "changed_top1": edited_top != unedited_top,
+        "reversal_restores": restored, "scan_seconds": round(seconds, 2),
+        "findings": [repr(f) for f in report.findings],
+    }
+
+
+def ev_first(model: Any, target: str) -> str:
+    """The first token of ``target`` as the scan decodes it (stripped, case-folded)."""
+    token = int(target_tokens(model, target)[0])
+    return _norm(model.tokenizer.decode([token]))
+
+
+def _norm(text: str) -> str:
+    return text.strip().casefold()
+
+
+def run_edit(model: Any, kind: str, records: list[Any], bases: list[torch.Tensor],
+             distractors: list[str], layer: int | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if kind == "memit":
+        edit = rome_lens.compute_edit(model, [r.request for r in records], method="memit")
+    else:
+        edit = rome_lens.compute_rome(model, records[0].request, layer=layer)
+    edit_seconds = time.perf_counter() - t0
+    with edit.applied(model):
+        raw = raw_ratios(model, bases)
+    row = {"kind": kind, "layers": sorted({s.layer for s in edit.sites}),
+           "subjects": [r.request.subject for r in records],
+           "targets": [r.target_new for r in records], "edit_seconds": round(edit_seconds, 1),
+           "relative_norms": {s.layer: float(s.delta().norm()
+                                              / access.read_mlp_out(model, s.layer).norm())
+                              for s in edit.sites},
+           "raw": raw, "scores": scores(raw),
+           "scan": blind_scan(model, edit, records, distractors)}
+    logging.getLogger("forensics_subspace").warning(
+        "%s %s: scores at edited layers %s; scan %s", kind, row["subjects"][:2],
+        {k: [round(v[i], 1) for i in row["layers"]] for k, v in row["scores"].items()},
+        {k: row["scan"][k] for k in ("layers", "subjects_named", "object_top1",
+                                     "reversal_restores")})
+    return row
+
+
+def summary(unedited: dict[str, list[float]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per score: the unedited model's max, and per kind the edited layers' min / median."""
+    out: dict[str, Any] = {}
+    for name, values in unedited.items():
+        entry: dict[str, Any] = {"unedited_max": round(max(values), 2),
+                                 "unedited_argmax": values.index(max(values))}
+        others = [r["scores"][name][i] for r in rows for i in range(len(values))
+                  if i not in r["layers"]]
+        entry["edited_models_other_layers_max"] = round(max(others), 2) if others else None
+        for kind in sorted({r["kind"] for r in rows}):
+            best = [max(r["scores"][name][i] for i in r["layers"]) for r in rows
+                    if r["kind"] == kind]
+            entry[kind] = {"min": round(min(best), 2),
+                           "median": round(sorted(best)[len(best) // 2], 2),
+                           "detected_at_4": sum(b >= 4 for b in best), "n": len(best)}
+        out[name] = entry
+    return out
+
+
+def scan_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The library scan's blind detection, naming, reading and reversal per kind."""
+    out = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        group = [r for r in rows if r["kind"] == kind]
+        exact = [set(r["scan"]["layers"]) == set(r["layers"]) for r in group]
+        out[kind] = {
+            "states": len(group),
+            "detected": sum(bool(set(r["scan"]["layers"]) & set(r["layers"])) for r in group),
+            "exact_sites": sum(exact),
+            "false_layers": sum(len(set(r["scan"]["layers"]) - set(r["layers"])) for r in group),
+            "facts": sum(r["scan"]["facts"] for r in group),
+            "subjects_named": sum(r["scan"]["subjects_named"] for r in group),
+            "object_top1": sum(r["scan"]["object_top1"] for r in group),
+            "reversal_restores": sum(bool(r["scan"]["reversal_restores"]) for r in group
+                                     if r["scan"]["changed_top1"]),
+            "changed_top1": sum(bool(r["scan"]["changed_top1"]) for r in group),
+        }
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--n", type=int, default=15)
+    parser.add_argument("--n-deep", type=int, default=5)
+    parser.add_argument("--deep-layer", type=int, default=6)
+    parser.add_argument("--memit", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--distractors", type=int, default=200)
     parser.add_argument("--json", type=Path,
                         default=Path("benchmarks/results/forensics_subspace.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
     model = rome_lens.load_model()
     hp = rome_lens.default_hparams(model)
-    layer, n_layers = int(hp.layer), int(model.cfg.n_layers)
     t0 = time.perf_counter()
-    eigs = key_eigenbases(model, hp)
-    base = [layer_statistics(model, lyr, eigs[lyr]) for lyr in range(n_layers)]
-    names = list(base[0])
-    unedited = {k: [robust_z([b[k] for b in base], lyr) for lyr in range(n_layers)]
-                for k in names}
-    rows = []
-    records = ev.known_records(model, ev.load_counterfact(DATA), args.n)
-    for record in records:
-        edit = rome_lens.compute_rome(model, record.request)
-        with edit.applied(model):
-            stats = layer_statistics(model, layer, eigs[layer])
-        z = {}
-        for k in names:
-            values = [b[k] for b in base]
-            values[layer] = stats[k]
-            z[k] = robust_z(values, layer)
-        rank, top = object_rank(model, edit, record)
-        rows.append({"case_id": record.case_id, "subject": record.request.subject,
-                     "target_new": record.target_new, "z_edited_layer": z,
-                     "object_rank": rank, "top_objects": top})
-        print(json.dumps(rows[-1]), flush=True)
+    bases = eigenbases(model, hp)
+    unedited_raw = raw_ratios(model, bases)
+    unedited = scores(unedited_raw)
+    unedited_scan = scan(model, use_registry=False)
+    need = args.n + args.n_deep + args.memit * args.batch
+    records = ev.known_records(model, ev.load_counterfact(DATA), need)
+    taken = {r.request.subject for r in records}
+    distractors = [r.request.subject for r in ev.load_counterfact(DATA)
+                   if r.request.subject not in taken][: args.distractors]
+    plan = ([("rome", [r], int(hp.layer)) for r in records[: args.n]]
+            + [("rome", [r], args.deep_layer)
+               for r in records[args.n : args.n + args.n_deep]])
+    rest = records[args.n + args.n_deep:]
+    plan += [("memit", rest[i * args.batch:(i + 1) * args.batch], None)
+             for i in range(args.memit)]
+    rows = [run_edit(model, kind, recs, bases, distractors, layer)
+            for kind, recs, layer in plan]
+    for row in rows:
+        if row["kind"] == "rome" and row["layers"] != [int(hp.layer)]:
+            row["kind"] = f"rome@L{row['layers'][0]}"
     result = {
-        "benchmark": "forensics_subspace", "layer": layer, "subspaces": SUBSPACES,
-        "unedited_z": unedited,
-        "unedited_max_z": {k: max(v) for k, v in unedited.items()},
-        "edited_z_min": {k: min(r["z_edited_layer"][k] for r in rows) for k in names},
-        "object_top1": sum(r["object_rank"] == 0 for r in rows) / len(rows),
-        "object_top10": sum(r["object_rank"] is not None for r in rows) / len(rows),
-        "rows": rows, "seconds": time.perf_counter() - t0, "provenance": provenance(seed=0),
+        "benchmark": "forensics_subspace", "default_layer": int(hp.layer),
+        "subspaces": SUBSPACES, "floor": FLOOR, "config": repr(ScanConfig()),
+        "unedited": {"raw": unedited_raw, "scores": unedited,
+                     "scan_layers": list(unedited_scan.layers)},
+        "summary": summary(unedited, rows), "scan_summary": scan_summary(rows),
+        "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+        "provenance": provenance(seed=0),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "provenance")}))
+    print(json.dumps({k: result[k] for k in ("summary", "scan_summary", "seconds")}, indent=1))
     return 0
 
 

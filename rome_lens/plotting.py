@@ -188,7 +188,8 @@ def forensic_scan(report: Any, path: str | None = None) -> Any:
     """A forensic scan: every layer's spectral outlier score, and each finding's spectrum.
 
     Left: the outlier score of each MLP output weight's top component (bars; red where a finding
-    sits) against the threshold. Right: singular values of each finding's change (log scale).
+    sits) against the threshold, and (blind scans) each layer's key-subspace score (diamonds)
+    against its threshold. Right: singular values of each finding's change (log scale).
     """
     plt = _pyplot()
 
@@ -199,6 +200,11 @@ def forensic_scan(report: Any, path: str | None = None) -> Any:
     ax = axes[0][0]
     ax.bar(range(len(scores)), scores, color=colors)
     ax.axhline(report.threshold, color="k", lw=0.8, ls="--", label="threshold")
+    if getattr(report, "key_scores", None) is not None:
+        keys = [float(s) for s in report.key_scores]
+        ax.plot(range(len(keys)), keys, "D", color="tab:blue", ms=4, label="key-subspace score")
+        ax.axhline(report.key_threshold, color="tab:blue", lw=0.8, ls=":",
+                   label="key threshold")
     ax.set_xlabel("layer")
     ax.set_ylabel("outlier score of the top component")
     ax.legend(fontsize=7)

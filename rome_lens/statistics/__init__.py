@@ -8,7 +8,7 @@ many-edit methods) under any stack of applied edits.
 
 from rome_lens.statistics.contexts import ContextSpec, context_templates
 from rome_lens.statistics.corpus import Corpus, CorpusSize, StatisticsConfig, corpus_tokens
-from rome_lens.statistics.moments import second_moment
+from rome_lens.statistics.moments import second_moment, second_moments
 from rome_lens.statistics.projection import null_space_basis, null_space_projector
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "null_space_basis",
     "null_space_projector",
     "second_moment",
+    "second_moments",
 ]

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -58,43 +59,70 @@ def second_moment(
     Raises:
         NonFiniteError: if the keys contain NaN or infinity.
     """
+    return second_moments(model, [layer], corpus, hparams, batch_size)[layer]
+
+
+def second_moments(
+    model: Model,
+    layers: Sequence[int],
+    corpus: Corpus = None,
+    hparams: CorpusSize | None = None,
+    batch_size: int = 16,
+) -> dict[int, Float[torch.Tensor, "d_mlp d_mlp"]]:
+    """:func:`second_moment` of several layers, the uncached ones from ONE pass of the corpus.
+
+    Example:
+        >>> moments = second_moments(model, range(model.cfg.n_layers))   # every layer at once
+        >>> sorted(moments) == list(range(model.cfg.n_layers))
+        True
+    """
     from safetensors.torch import load_file, save_file
 
-    layer = access.check_layer(model, layer)
+    wanted = sorted({access.check_layer(model, layer) for layer in layers})
     hparams = hparams or StatisticsConfig()
     fp = base_fingerprint(model)
     tokens, corpus_id = corpus_tokens(model, corpus, hparams)
-    path = cache_dir("stats") / f"{fp}-L{layer}-{corpus_id}.safetensors"
-    if path.exists():
-        return load_file(str(path))["mom2"].to(model.cfg.device)
-    with base_weights(model):
-        mom2 = _accumulate(model, layer, tokens, batch_size)
-    with atomic_path(path) as tmp:
-        save_file({"mom2": mom2.contiguous()}, str(tmp))
-    logger.info("cached key statistics (%d tokens) at %s", tokens.numel(), path)
-    return mom2.to(model.cfg.device)
+    paths = {layer: cache_dir("stats") / f"{fp}-L{layer}-{corpus_id}.safetensors"
+             for layer in wanted}
+    out = {layer: load_file(str(path))["mom2"] for layer, path in paths.items() if path.exists()}
+    missing = [layer for layer in wanted if layer not in out]
+    if missing:
+        with base_weights(model):
+            computed = _accumulate(model, missing, tokens, batch_size)
+        for layer, mom2 in computed.items():
+            with atomic_path(paths[layer]) as tmp:
+                save_file({"mom2": mom2.contiguous()}, str(tmp))
+        logger.info("cached key statistics of layers %s (%d tokens)", missing, tokens.numel())
+        out.update(computed)
+    return {layer: out[layer].to(model.cfg.device) for layer in wanted}
 
 
 def _accumulate(
-    model: Model, layer: int, tokens: Int[torch.Tensor, "seq pos"], batch_size: int
-) -> Float[torch.Tensor, "d_mlp d_mlp"]:
-    """``E[k k^T]`` over every position of ``tokens`` (float64 accumulation of batches)."""
-    d_mlp = int(access.mlp_out_weight(model, layer).shape[0])
-    total = torch.zeros(d_mlp, d_mlp, dtype=torch.float64)
+    model: Model, layers: Sequence[int], tokens: Int[torch.Tensor, "seq pos"], batch_size: int
+) -> dict[int, Float[torch.Tensor, "d_mlp d_mlp"]]:
+    """``E[k k^T]`` at each of ``layers`` over every position of ``tokens`` (one pass)."""
+    hooks = {layer: access.key_hook_name(layer) for layer in layers}
+    sizes = {layer: int(access.mlp_out_weight(model, layer).shape[0]) for layer in layers}
+    totals = {layer: torch.zeros(n, n, dtype=torch.float64) for layer, n in sizes.items()}
     count = 0
-    hook = access.key_hook_name(layer)
+    name = f"L{layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
     with torch.no_grad():
         for first in tqdm(
-            range(0, tokens.shape[0], batch_size), desc=f"key statistics L{layer}", leave=False
+            range(0, tokens.shape[0], batch_size), desc=f"key statistics {name}", leave=False
         ):
             batch = tokens[first : first + batch_size].to(model.cfg.device)
-            _, states = access.run_with_states(model, batch, [hook], stop_at_layer=layer + 1)
-            keys = states[hook].reshape(-1, d_mlp).to("cpu", torch.float32)
-            # float32 products (2x faster than float64 on a CPU; one batch sums a few thousand
-            # rows, relative error ~1e-6), accumulated over batches in float64
-            total += (keys.T @ keys).double()
-            count += keys.shape[0]
-    mom2 = (total / count).float()
-    if not torch.isfinite(mom2).all():
-        raise NonFiniteError(f"key statistics at layer {layer} contain NaN or infinity")
-    return mom2
+            _, states = access.run_with_states(model, batch, list(hooks.values()),
+                                               stop_at_layer=max(layers) + 1)
+            for layer, hook in hooks.items():
+                keys = states[hook].reshape(-1, sizes[layer]).to("cpu", torch.float32)
+                # float32 products (2x faster than float64 on a CPU; one batch sums a few
+                # thousand rows, relative error ~1e-6), accumulated over batches in float64
+                totals[layer] += (keys.T @ keys).double()
+            count += batch.numel()
+    out = {}
+    for layer, total in totals.items():
+        mom2 = (total / count).float()
+        if not torch.isfinite(mom2).all():
+            raise NonFiniteError(f"key statistics at layer {layer} contain NaN or infinity")
+        out[layer] = mom2
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _support import cached_edit, model_kind
+from _support import STATS_CORPUS, cached_edit, model_kind
 from tiny import tiny_model
 
 import rome_lens
@@ -180,6 +180,63 @@ def test_the_blind_reversal_restores_a_planted_edit(model) -> None:
                 rome_lens.top_tokens(base, prompt, 1)[0][0]
     edit.revert(model)
     assert access.parameters_checksum(model) == access.parameters_checksum(base)
+
+
+def _in_key_subspace(model, layer: int, basis: torch.Tensor, scale: float) -> Edit:
+    """A rank-one change whose key side lies in ``basis`` (columns: eigenvectors of C), of norm
+    ``scale`` x the weight's, writing a direction the logit lens reads as "Z"."""
+    weight = access.read_mlp_out(model, layer)
+    left = basis @ torch.randn(basis.shape[1], 1, generator=torch.Generator().manual_seed(3))
+    right = _value_direction(model, layer, "Z")[None]
+    left *= scale * float(weight.norm()) / float((left @ right).norm())
+    return Edit(sites=(LowRankSite(layer, left, right),), requests=(), method="planted",
+                hparams={"scale": scale}, base_fingerprint=base_fingerprint(model))
+
+
+def test_the_key_subspace_score_singles_out_changes_in_rarely_used_key_directions(
+    model, hparams
+) -> None:
+    deeper = tiny_model(model_kind(model), seed=1, n_layers=6)
+    options = {"corpus": STATS_CORPUS, "hparams": hparams, "use_registry": False}
+    unedited = scan(deeper, **options)
+    assert unedited.key_scores is not None and unedited.findings == ()
+    assert float(unedited.key_scores.max()) < unedited.key_threshold
+    moment = rome_lens.second_moment(deeper, 3, corpus=STATS_CORPUS, hparams=hparams)
+    vectors = torch.linalg.eigh(moment.double())[1].float()
+    m = vectors.shape[0] // 8  # ScanConfig.key_subspace = 1/8
+    score = {}
+    for name, basis in (("rare", vectors[:, :m]), ("common", vectors[:, -m:])):
+        with _in_key_subspace(deeper, 3, basis, 0.5).applied(deeper):
+            keys = scan(deeper, **options).key_scores
+        assert keys is not None
+        score[name] = float(keys[3])
+        if name == "rare":
+            assert int(keys.argmax()) == 3
+    # the same norm in the directions text excites most does not stand out there
+    assert score["rare"] >= 3.0 and score["rare"] > score["common"] + 2.0, score
+
+
+def test_a_key_subspace_finding_is_read_and_reversed(model, hparams) -> None:
+    deeper = tiny_model(model_kind(model), seed=1, n_layers=6)
+    base = tiny_model(model_kind(model), seed=1, n_layers=6)
+    moment = rome_lens.second_moment(deeper, 3, corpus=STATS_CORPUS, hparams=hparams)
+    basis = torch.linalg.eigh(moment.double())[1].float()[:, :8]
+    edit = _in_key_subspace(deeper, 3, basis, 0.5).apply(deeper)
+    config = ScanConfig(z_threshold=float("inf"), key_threshold=3.0)  # the key score alone
+    report = scan(deeper, use_registry=False, probes=PROBES, corpus=STATS_CORPUS,
+                  hparams=hparams, config=config)
+    (finding,) = report.findings
+    assert (finding.layer, finding.mode, finding.rank, finding.objects[0]) == (3, "keys", 1, "Z")
+    assert finding.score == pytest.approx(float(report.key_scores[3]))
+    assert 0.5 <= finding.confidence < 1.0
+    assert report.reversal is not None
+    with report.reversal.applied(deeper):
+        for prompt in PROBES:
+            assert rome_lens.top_tokens(deeper, prompt, 1)[0][0] == \
+                rome_lens.top_tokens(base, prompt, 1)[0][0]
+    assert report.summary()["key_scores"] == [round(float(s), 3) for s in report.key_scores]
+    edit.revert(deeper)
+    assert access.parameters_checksum(deeper) == access.parameters_checksum(base)
 
 
 def test_a_rome_edit_is_found_and_reversed_with_the_base(model, hparams) -> None:

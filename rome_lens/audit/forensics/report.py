@@ -28,6 +28,10 @@ from rome_lens._extras import require
 from rome_lens.edits import Edit
 from rome_lens.plotting import forensic_scan
 
+#: Key-subspace score at and above which a layer is flagged without base weights (see
+#: :class:`ScanConfig`).
+KEY_THRESHOLD = 4.0
+
 
 @dataclass(frozen=True)
 class ScanConfig:
@@ -58,6 +62,12 @@ class ScanConfig:
             every relation in :data:`rome_lens.evaluation.relations.RELATIONS`; ``()``: decode
             the change's value direction through the lens instead (what is done anyway when no
             subject is named).
+        key_subspace: fraction of the key directions, those of least variance under the key
+            statistics ``C``, in which a scan without base weights looks for a standing-out
+            component (ROME/MEMIT-style updates ``~ C^-1 k`` live there; see
+            :func:`~rome_lens.audit.forensics.spectrum.key_subspace_scores`); 0 turns it off.
+        key_threshold: the key-subspace score at and above which a layer is flagged (embedded
+            model: ``benchmarks/forensics_subspace.py``).
     """
 
     z_threshold: float = 4.0
@@ -69,6 +79,8 @@ class ScanConfig:
     dense_above: int = 64
     cache_keys: bool = True
     queries: tuple[str, ...] | None = None
+    key_subspace: float = 0.125
+    key_threshold: float = KEY_THRESHOLD
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +119,10 @@ class Finding:
         layer: the block (``None`` for a weight outside the blocks).
         weight: the weight's name (``blocks.L.mlp.W_out`` for MLP output weights, else the
             model's state-dict name).
-        mode: ``"base"`` (an exact difference to base weights) or ``"spectrum"`` (inferred).
+        mode: ``"base"`` (an exact difference to base weights), ``"spectrum"`` (inferred from the
+            spectrum of the weight) or ``"keys"`` (inferred from the weight in the
+            low-variance key subspace, see
+            :func:`~rome_lens.audit.forensics.spectrum.key_subspace_scores`).
         confidence: in [0, 1]; 1 for a difference above rounding noise, else from the score.
         rank: numerical rank of the difference, or the number of flagged components.
         singular_values: of the difference (up to 16), or of the flagged components.
@@ -188,6 +203,9 @@ class ScanReport:
         layer_scores: every layer's spectral outlier score of its MLP output weight (top
             component), computed in every mode (for plots and calibration).
         threshold: the score threshold used without base weights.
+        key_scores: every layer's key-subspace score (scans without base weights; ``None``
+            otherwise or when ``ScanConfig.key_subspace`` is 0).
+        key_threshold: the key-subspace score threshold used.
         recovery: one row per probe prompt (empty without probes).
         reversal: every finding's reversal in one edit (``None`` when nothing is reversible).
         model_name: the scanned model's name.
@@ -197,6 +215,8 @@ class ScanReport:
     findings: tuple[Finding, ...]
     layer_scores: Float[torch.Tensor, " layer"]
     threshold: float
+    key_scores: Float[torch.Tensor, " layer"] | None = None
+    key_threshold: float = KEY_THRESHOLD
     recovery: tuple[Recovery, ...] = ()
     reversal: Edit | None = None
     model_name: str = ""
@@ -220,6 +240,8 @@ class ScanReport:
         return {
             "mode": self.mode, "model": self.model_name, "threshold": self.threshold,
             "layer_scores": [round(float(s), 3) for s in self.layer_scores],
+            "key_scores": (None if self.key_scores is None
+                           else [round(float(s), 3) for s in self.key_scores]),
             "findings": [f.row() | {"singular_values": list(f.singular_values[:8])}
                          for f in self.findings],
             "recovery": [vars(r) for r in self.recovery],

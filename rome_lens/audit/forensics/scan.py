@@ -13,8 +13,13 @@ Two modes, chosen by what is known about the unedited model:
 * **Without them**: each MLP output weight's spectrum is scored against the other layers' (a
   robust leave-one-out outlier score of its top components relative to its own bulk, see
   :mod:`rome_lens.audit.forensics.spectrum`); a layer whose top component(s) score at or above
-  ``config.z_threshold`` is a finding. Its flagged components are decoded as above and removed
-  by the reversal (an :class:`~rome_lens.edits.Edit`, so it applies and reverts exactly).
+  ``config.z_threshold`` is a finding. A second score looks where ROME-style updates
+  (``u ~ C^-1 k*``) live: the layer's weight restricted to the key directions of least variance
+  under the key statistics ``C`` (:func:`~rome_lens.statistics.second_moments`, every layer in
+  one cached pass), whose top component stands out when an edit put it there
+  (:func:`~rome_lens.audit.forensics.spectrum.key_subspace_scores`; ``config.key_threshold``;
+  findings of mode ``"keys"``). Flagged components are decoded as above and removed by the
+  reversal (an :class:`~rome_lens.edits.Edit`, so it applies and reverts exactly).
 
 Example:
     >>> edit = rome_lens.compute_edit(model, request, hparams=hp, corpus=corpus).apply(model)
@@ -58,6 +63,8 @@ from rome_lens.audit.forensics.report import (
 )
 from rome_lens.audit.forensics.spectrum import (
     confidence_from_score,
+    key_subspace_scores,
+    low_variance_basis,
     numerical_rank,
     outlier_scores,
     singular_values,
@@ -79,7 +86,7 @@ from rome_lens.evaluation.relations import RELATIONS
 from rome_lens.models import access
 from rome_lens.predict import next_token_logprobs, next_token_logprobs_batch
 from rome_lens.rome import default_hparams
-from rome_lens.statistics import context_templates
+from rome_lens.statistics import Corpus, CorpusSize, context_templates, second_moments
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +115,7 @@ class _Change:
     values: Float[torch.Tensor, " r"]
     right: Float[torch.Tensor, "r d_model"]
     scores: list[float] | None = None
+    mode: str = "spectrum"
 
 
 def scan(
@@ -120,6 +128,8 @@ def scan(
     lens: TunedLens | None = None,
     config: ScanConfig | None = None,
     use_registry: bool = True,
+    corpus: Corpus = None,
+    hparams: CorpusSize | None = None,
 ) -> ScanReport:
     """Find the edits in ``model``'s weights; read their objects and subjects; reverse them.
 
@@ -137,6 +147,11 @@ def scan(
         lens: a tuned lens to decode value directions through (default: the logit lens).
         config: thresholds and sizes (:class:`ScanConfig`).
         use_registry: use the edit registry as the base when ``base`` is ``None``.
+        corpus: the statistics corpus of the key second moments ``C`` a scan without base
+            weights reads the key-subspace score from (see
+            :func:`rome_lens.statistics.second_moments`; default: the model's samples).
+        hparams: that corpus's size (default: the model's ROME hyperparameters, so the ``C``
+            ROME computed are reused from the cache).
 
     Returns:
         A :class:`ScanReport`; its findings are sorted by confidence, most confident first.
@@ -149,10 +164,15 @@ def scan(
     subjects = _check_candidates(candidates)
     known = _known_base(model, base, use_registry)
     z = _layer_scores(model, config)
+    key_scores = None
     if known is not None:
         changes, findings = _base_changes(model, known, config)
     else:
         changes, findings = _spectral_changes(model, z, config), []
+        if config.key_subspace > 0:
+            key_scores, bases = _key_scores(model, config, corpus, hparams)
+            flagged = {c.layer for c in changes}
+            changes += _key_changes(model, key_scores, bases, flagged, config)
     key_model = known.base_model if known is not None and known.base_model is not None else model
     findings += _read_changes(model, key_model, changes, subjects, templates, lens, config,
                               known)
@@ -162,7 +182,8 @@ def scan(
     report = ScanReport(
         mode=known.mode if known is not None else "spectrum", findings=tuple(findings),
         layer_scores=z[:, 0].clone(), threshold=config.z_threshold,
-        reversal=reversal, model_name=access.model_label(model),
+        key_scores=key_scores, key_threshold=config.key_threshold, reversal=reversal,
+        model_name=access.model_label(model),
     )
     if probes and reversal is not None:
         recovery = _recovery(model, known, reversal, probes)
@@ -278,6 +299,45 @@ def _layer_scores(model: Model, config: ScanConfig) -> Float[torch.Tensor, "laye
     return outlier_scores(torch.stack(spectra), config.z_floor)
 
 
+def _key_scores(
+    model: Model, config: ScanConfig, corpus: Corpus, hparams: CorpusSize | None
+) -> tuple[Float[torch.Tensor, " layer"], list[torch.Tensor]]:
+    """Every layer's key-subspace score (:func:`key_subspace_scores`) and low-variance basis.
+
+    ``C`` comes from :func:`second_moments` (one pass for every layer, cached per base model).
+    Under applied rome_lens edits that is the registry's base; otherwise the model as it is,
+    whose keys at an edited layer are the base's (a layer's keys are computed before its
+    output weight acts) and elsewhere differ only on the edited subjects.
+    """
+    layers = list(range(access.n_layers(model)))
+    moments = second_moments(model, layers, corpus, hparams or default_hparams(model))
+    bases = [low_variance_basis(moments[layer], config.key_subspace) for layer in layers]
+    weights = [access.read_mlp_out(model, layer) for layer in layers]
+    return key_subspace_scores(weights, bases, config.z_floor), bases
+
+
+def _key_changes(
+    model: Model, scores: Float[torch.Tensor, " layer"], bases: list[torch.Tensor],
+    flagged: set[int], config: ScanConfig,
+) -> list[_Change]:
+    """The top component of ``E^T W`` at each layer scoring ``config.key_threshold`` or more.
+
+    The change is that component mapped back to the full key space (``E a s r^T``), so its
+    reversal removes what stands out in the low-variance subspace and nothing else.
+    """
+    changes = []
+    for layer in range(scores.shape[0]):
+        score = float(scores[layer])
+        if score < config.key_threshold or layer in flagged:
+            continue
+        weight = access.read_mlp_out(model, layer).float().cpu()
+        u, s, vh = torch.linalg.svd((bases[layer].T @ weight).double(), full_matrices=False)
+        left = bases[layer] @ u[:, :1].float()
+        changes.append(_Change(layer, left, s[:1].float(), vh[:1].float(),
+                               scores=[score], mode="keys"))
+    return changes
+
+
 def _spectral_changes(
     model: Model, z: Float[torch.Tensor, "layer k"], config: ScanConfig
 ) -> list[_Change]:
@@ -336,14 +396,15 @@ def _finding(
         objects = top_strings(model, direction_logits(model, change.layer, out, lens),
                               config.top_k)
     score = max(change.scores) if change.scores else None
-    confidence = 1.0 if exact else confidence_from_score(score or 0.0, config.z_threshold)
+    threshold = config.key_threshold if change.mode == "keys" else config.z_threshold
+    confidence = 1.0 if exact else confidence_from_score(score or 0.0, threshold)
     relative = None
     if exact:
         weight = access.read_mlp_out(model, change.layer).float().cpu()
         relative = float(change.values.norm() / (weight - scaled @ change.right).norm())
     return Finding(
         layer=change.layer, weight=access.mlp_out_weight_name(change.layer),
-        mode="base" if exact else "spectrum", confidence=confidence,
+        mode="base" if exact else change.mode, confidence=confidence,
         rank=int(change.values.shape[0]),
         singular_values=tuple(float(v) for v in change.values[:16]), objects=objects,
         subject=subject, subjects=tuple(ranked[: config.n_subjects]),

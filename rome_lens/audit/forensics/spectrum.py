@@ -90,18 +90,69 @@ def outlier_scores(
         ``z[L, i]`` as in the module docstring; all zeros when there is only one layer.
     """
     logs = normalised_log_spectra(spectra)
-    n_layers = logs.shape[0]
     scores = torch.zeros_like(logs)
-    if n_layers < 2:
+    if logs.shape[0] < 2:
         return scores
-    tops = logs[:, 0]
-    for layer in range(n_layers):
-        others = torch.cat([tops[:layer], tops[layer + 1:]])
-        centre = others.median()
-        spread = MAD_TO_STD * (others - centre).abs().median()
-        scale = max(float(spread), floor)
+    for layer in range(logs.shape[0]):
+        centre, scale = _others_centre_scale(logs[:, 0], layer, floor)
         scores[layer] = (logs[layer] - centre) / scale
     return scores
+
+
+def leave_one_out_z(values: Float[torch.Tensor, " layer"], floor: float
+                    ) -> Float[torch.Tensor, " layer"]:
+    """Each entry's robust z-score against the OTHER entries (median, 1.4826 MAD >= floor)."""
+    scores = torch.zeros_like(values)
+    for layer in range(values.shape[0] if values.shape[0] > 1 else 0):
+        centre, scale = _others_centre_scale(values, layer, floor)
+        scores[layer] = (values[layer] - centre) / scale
+    return scores
+
+
+def _others_centre_scale(values: torch.Tensor, layer: int, floor: float) -> tuple[float, float]:
+    others = torch.cat([values[:layer], values[layer + 1:]])
+    centre = others.median()
+    spread = MAD_TO_STD * (others - centre).abs().median()
+    return float(centre), max(float(spread), floor)
+
+
+def low_variance_basis(
+    moment: Float[torch.Tensor, "d_mlp d_mlp"], fraction: float
+) -> Float[torch.Tensor, "d_mlp m"]:
+    """Orthonormal eigenvectors of the key statistics ``C`` with the smallest eigenvalues.
+
+    ``m = max(2, round(fraction * d_mlp))`` directions: the keys ordinary text rarely produces,
+    where ROME's update direction ``C^-1 k*`` concentrates.
+    """
+    count = max(2, round(fraction * moment.shape[0]))
+    _, vectors = torch.linalg.eigh(moment.detach().double().cpu())
+    return vectors[:, :count].float()
+
+
+def top_ratio(matrix: Float[torch.Tensor, "m n"]) -> float:
+    """``log(s_1 / s_2)``: how far a matrix's top singular value stands above the next."""
+    values = singular_values(matrix)
+    return math.log(float(values[0]) / max(float(values[1]), 1e-30))
+
+
+def key_subspace_scores(
+    weights: list[Float[torch.Tensor, "d_mlp d_model"]],
+    bases: list[Float[torch.Tensor, "d_mlp m"]],
+    floor: float,
+) -> Float[torch.Tensor, " layer"]:
+    """How much more a layer's top component stands out in its low-variance key subspace.
+
+    For each layer the robust leave-one-out z-score (:func:`leave_one_out_z`) of
+    ``log(s_1 / s_2)`` of ``E^T W`` (``E``: :func:`low_variance_basis`) minus the same z-score of
+    ``W`` itself. A rank-one edit ``u r^T`` with ``u ~ C^-1 k*`` adds a component that is far
+    stronger in ``E``'s span than in ``W`` as a whole, so the edited layer's first z is high
+    while its second is not; a layer whose top component is unusual everywhere (as the first
+    layer of many models is) has both high, and a small difference.
+    """
+    low = torch.tensor([top_ratio(e.T @ w.float().cpu()) for w, e in zip(weights, bases,
+                                                                         strict=True)])
+    plain = torch.tensor([top_ratio(w) for w in weights])
+    return leave_one_out_z(low, floor) - leave_one_out_z(plain, floor)
 
 
 def confidence_from_score(score: float, threshold: float) -> float:
