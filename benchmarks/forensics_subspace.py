@@ -47,6 +47,7 @@ from rome_lens.statistics import second_moments  # noqa: E402
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-dev.json"
 SUBSPACES = (64, 256, 512)
 FLOOR = ScanConfig().z_floor
+EDITS = Path.home() / ".cache" / "rome_lens" / "forensics_subspace_edits"
 
 
 def eigenbases(model: Any, hp: Any) -> list[torch.Tensor]:
@@ -63,6 +64,17 @@ def raw_ratios(model: Any, bases: list[torch.Tensor]) -> dict[str, list[float]]:
     out = {"plain": [top_ratio(w) for w in weights]}
     for m in SUBSPACES:
         out[f"low{m}"] = [top_ratio(e[:, :m].T @ w) for w, e in zip(weights, bases, strict=True)]
+    return out
+
+
+def spectra(model: Any, bases: list[torch.Tensor], k: int = 16) -> dict[str, list[list[float]]]:
+    """The top ``k`` singular values of every layer's W and of W in each low-variance subspace."""
+    weights = [access.read_mlp_out(model, layer).float().cpu()
+               for layer in range(model.cfg.n_layers)]
+    out = {"plain": [torch.linalg.svdvals(w)[:k].tolist() for w in weights]}
+    for m in SUBSPACES:
+        out[f"low{m}"] = [torch.linalg.svdvals(e[:, :m].T @ w)[:k].tolist()
+                          for w, e in zip(weights, bases, strict=True)]
     return out
 
 
@@ -125,15 +137,19 @@ def run_edit(model: Any, kind: str, records: list[Any], bases: list[torch.Tensor
     else:
         edit = rome_lens.compute_rome(model, records[0].request, layer=layer)
     edit_seconds = time.perf_counter() - t0
+    EDITS.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() else "_" for c in records[0].request.subject[:40])
+    edit.save(EDITS / f"{kind}-{layer}-{name}")
     with edit.applied(model):
         raw = raw_ratios(model, bases)
+        spec = spectra(model, bases)
     row = {"kind": kind, "layers": sorted({s.layer for s in edit.sites}),
            "subjects": [r.request.subject for r in records],
            "targets": [r.target_new for r in records], "edit_seconds": round(edit_seconds, 1),
            "relative_norms": {s.layer: float(s.delta().norm()
                                               / access.read_mlp_out(model, s.layer).norm())
                               for s in edit.sites},
-           "raw": raw, "scores": scores(raw),
+           "raw": raw, "scores": scores(raw), "spectra": spec,
            "scan": blind_scan(model, edit, records, distractors)}
     logging.getLogger("forensics_subspace").warning(
         "%s %s: scores at edited layers %s; scan %s", kind, row["subjects"][:2],
@@ -223,6 +239,7 @@ def main() -> int:
         "benchmark": "forensics_subspace", "default_layer": int(hp.layer),
         "subspaces": SUBSPACES, "floor": FLOOR, "config": repr(ScanConfig()),
         "unedited": {"raw": unedited_raw, "scores": unedited,
+                     "spectra": spectra(model, bases),
                      "scan_layers": list(unedited_scan.layers)},
         "summary": summary(unedited, rows), "scan_summary": scan_summary(rows),
         "rows": rows, "seconds": round(time.perf_counter() - t0, 1),

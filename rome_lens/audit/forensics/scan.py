@@ -85,7 +85,7 @@ from rome_lens.errors import InvalidRequestError
 from rome_lens.evaluation.relations import RELATIONS
 from rome_lens.models import access
 from rome_lens.predict import next_token_logprobs, next_token_logprobs_batch
-from rome_lens.rome import default_hparams
+from rome_lens.rome import default_hparams, rank_one_factors
 from rome_lens.statistics import Corpus, CorpusSize, context_templates, second_moments
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class _Change:
     right: Float[torch.Tensor, "r d_model"]
     scores: list[float] | None = None
     mode: str = "spectrum"
+    moment: Float[torch.Tensor, "d_mlp d_mlp"] | None = None
+    basis: Float[torch.Tensor, "d_mlp m"] | None = None
 
 
 def scan(
@@ -301,7 +303,7 @@ def _layer_scores(model: Model, config: ScanConfig) -> Float[torch.Tensor, "laye
 
 def _key_scores(
     model: Model, config: ScanConfig, corpus: Corpus, hparams: CorpusSize | None
-) -> tuple[Float[torch.Tensor, " layer"], list[torch.Tensor]]:
+) -> tuple[Float[torch.Tensor, " layer"], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Every layer's key-subspace score (:func:`key_subspace_scores`) and low-variance basis.
 
     ``C`` comes from :func:`second_moments` (one pass for every layer, cached per base model).
@@ -313,28 +315,30 @@ def _key_scores(
     moments = second_moments(model, layers, corpus, hparams or default_hparams(model))
     bases = [low_variance_basis(moments[layer], config.key_subspace) for layer in layers]
     weights = [access.read_mlp_out(model, layer) for layer in layers]
-    return key_subspace_scores(weights, bases, config.z_floor), bases
+    return (key_subspace_scores(weights, bases, config.z_floor),
+            [(moments[layer].cpu(), basis) for layer, basis in zip(layers, bases, strict=True)])
 
 
 def _key_changes(
-    model: Model, scores: Float[torch.Tensor, " layer"], bases: list[torch.Tensor],
-    flagged: set[int], config: ScanConfig,
+    model: Model, scores: Float[torch.Tensor, " layer"],
+    bases: list[tuple[torch.Tensor, torch.Tensor]], flagged: set[int], config: ScanConfig,
 ) -> list[_Change]:
     """The top component of ``E^T W`` at each layer scoring ``config.key_threshold`` or more.
 
-    The change is that component mapped back to the full key space (``E a s r^T``), so its
-    reversal removes what stands out in the low-variance subspace and nothing else.
+    The change is that component mapped back to the full key space (``E a s r^T``): what
+    stands out in the low-variance subspace. Once a subject is named, :func:`_rome_shaped`
+    replaces it by the whole ROME-shaped update of that subject's key.
     """
     changes = []
     for layer in range(scores.shape[0]):
         score = float(scores[layer])
         if score < config.key_threshold or layer in flagged:
             continue
+        moment, basis = bases[layer]
         weight = access.read_mlp_out(model, layer).float().cpu()
-        u, s, vh = torch.linalg.svd((bases[layer].T @ weight).double(), full_matrices=False)
-        left = bases[layer] @ u[:, :1].float()
-        changes.append(_Change(layer, left, s[:1].float(), vh[:1].float(),
-                               scores=[score], mode="keys"))
+        u, s, vh = torch.linalg.svd((basis.T @ weight).double(), full_matrices=False)
+        changes.append(_Change(layer, basis @ u[:, :1].float(), s[:1].float(), vh[:1].float(),
+                               scores=[score], mode="keys", moment=moment, basis=basis))
     return changes
 
 
@@ -385,6 +389,8 @@ def _finding(
     scaled = change.left * change.values
     ranked = _rank_subjects(scaled, change.right, subjects, keys, reference, config)
     subject = ranked[0][0] if ranked and ranked[0][1] >= config.subject_threshold else None
+    if subject is not None and keys is not None and change.mode == "keys":
+        change = _rome_shaped(model, change, keys[subjects.index(subject)])
     components = _components(model, change, lens, config)
     objects = components[0].objects if components else ()
     reversal = _reversal(model, change, config)
@@ -411,6 +417,28 @@ def _finding(
         components=tuple(components), relative_norm=relative, score=score,
         reversal=reversal,
     )
+
+
+def _rome_shaped(model: Model, change: _Change, key: Float[torch.Tensor, " d_mlp"]) -> _Change:
+    """The ROME-shaped rank-one update of the named subject's key ``k``, fitted to the weight.
+
+    Its key side is ROME's ``u = C^-1 k / (k^T C^-1 k)``; its value side ``r`` is fitted. The
+    low-variance component alone is only the part of an update that text rarely excites, not
+    what the subject's key reads (mostly the other directions). With ``u`` known up to the
+    edit's own ridge (the model's ROME hyperparameters), ``r`` is the least-squares fit of the
+    weight's low-variance part ``E^T W`` by ``(E^T u) r^T`` (the unedited weight's part there
+    is the noise of the fit).
+    """
+    assert change.moment is not None and change.basis is not None
+    d_model = int(change.right.shape[1])
+    left, _ = rank_one_factors(change.moment, key.float().cpu(), torch.zeros(d_model),
+                               default_hparams(model).mom2_ridge)
+    low = change.basis.T @ left
+    weight = access.read_mlp_out(model, change.layer).float().cpu()
+    right = low @ (change.basis.T @ weight) / (low @ low)
+    norms = left.norm(), right.norm()
+    return _Change(change.layer, (left / norms[0])[:, None], (norms[0] * norms[1]).reshape(1),
+                   (right / norms[1])[None], scores=change.scores, mode=change.mode)
 
 
 def _queries(config: ScanConfig) -> tuple[str, ...]:
