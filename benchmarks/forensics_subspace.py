@@ -12,12 +12,17 @@ layer's ``log(s1/s2)`` of W and of ``E_m^T W`` for several ``m`` (raw values: an
 recomputed from the JSON) and two scores of each subspace, both robust leave-one-out z-scores
 over layers (median / MAD): ``zdiff`` = z(low) - z(plain) and ``logdiff`` = z(low - plain).
 It then runs the library's blind scan (``scan(model, use_registry=False)``, default
-:class:`rome_lens.audit.ScanConfig`) with the edited subjects among distractors as candidates,
-and reports per edit the flagged layers, the named subject, the new object read from questions
-about it, and whether the scan's reversal restores the edit prompt's unedited top-1 token.
+:class:`rome_lens.audit.ScanConfig`: the candidates' matched scores, the spectrum, the
+key-subspace score) with the edited subjects among distractors as candidates, and reports per
+edit the flagged layers, the named subject, the new object read from questions about it, and
+whether the scan's reversal restores the edit prompt's unedited top-1 token. Controls: the
+unedited model, scanned with the same candidates, and ``--random`` random rank-one changes of
+the first ROME edits' layers and norms. Edits are kept in ~/.cache/rome_lens/
+forensics_subspace_edits and reused by later runs.
 
 Usage (run alone; ~35 s per ROME edit on 2 AVX2 cores, the key statistics of every layer once):
     python benchmarks/forensics_subspace.py [--n 15] [--n-deep 5] [--memit 2] [--batch 10]
+        [--random 5] [--distractors 200]
         [--json benchmarks/results/forensics_subspace.json]
 """
 
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
+from rome_lens import Edit, LowRankSite, base_fingerprint, load_edit  # noqa: E402
 from rome_lens import evaluation as ev  # noqa: E402
 from rome_lens.audit import ScanConfig, scan  # noqa: E402
 from rome_lens.audit.forensics.spectrum import leave_one_out_z, top_ratio  # noqa: E402
@@ -125,27 +131,52 @@ def ev_first(model: Any, target: str) -> str:
     return _norm(model.tokenizer.decode([token]))
 
 
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text[:40])
+
+
 def _norm(text: str) -> str:
     return text.strip().casefold()
 
 
 def run_edit(model: Any, kind: str, records: list[Any], bases: list[torch.Tensor],
              distractors: list[str], layer: int | None) -> dict[str, Any]:
+    path = EDITS / f"{kind}-{layer}-{_safe(records[0].request.subject)}.safetensors"
     t0 = time.perf_counter()
-    if kind == "memit":
-        edit = rome_lens.compute_edit(model, [r.request for r in records], method="memit")
+    edit_seconds: float | None = None
+    if path.exists():  # computed by an earlier run (the same facts, seed and hyperparameters)
+        edit = load_edit(path, model)
     else:
-        edit = rome_lens.compute_rome(model, records[0].request, layer=layer)
-    edit_seconds = time.perf_counter() - t0
-    EDITS.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() else "_" for c in records[0].request.subject[:40])
-    edit.save(EDITS / f"{kind}-{layer}-{name}")
+        if kind == "memit":
+            edit = rome_lens.compute_edit(model, [r.request for r in records], method="memit")
+        else:
+            edit = rome_lens.compute_rome(model, records[0].request, layer=layer)
+        edit_seconds = round(time.perf_counter() - t0, 1)
+        EDITS.mkdir(parents=True, exist_ok=True)
+        edit.save(path)
+    return measure(model, kind, edit, records, bases, distractors, edit_seconds)
+
+
+def random_like(model: Any, edit: Any, seed: int) -> Any:
+    """A random rank-one change of the same layer and Frobenius norm as ``edit`` (a control)."""
+    (site,) = edit.sites
+    gen = torch.Generator().manual_seed(seed)
+    weight = access.read_mlp_out(model, site.layer)
+    left = torch.randn(weight.shape[0], 1, generator=gen)
+    right = torch.randn(1, weight.shape[1], generator=gen)
+    left *= float(site.delta().norm()) / float((left @ right).norm())
+    return Edit(sites=(LowRankSite(site.layer, left, right),), requests=(), method="random",
+                hparams={"seed": seed}, base_fingerprint=base_fingerprint(model))
+
+
+def measure(model: Any, kind: str, edit: Any, records: list[Any], bases: list[torch.Tensor],
+            distractors: list[str], edit_seconds: float | None) -> dict[str, Any]:
     with edit.applied(model):
         raw = raw_ratios(model, bases)
         spec = spectra(model, bases)
     row = {"kind": kind, "layers": sorted({s.layer for s in edit.sites}),
            "subjects": [r.request.subject for r in records],
-           "targets": [r.target_new for r in records], "edit_seconds": round(edit_seconds, 1),
+           "targets": [r.target_new for r in records], "edit_seconds": edit_seconds,
            "relative_norms": {s.layer: float(s.delta().norm()
                                               / access.read_mlp_out(model, s.layer).norm())
                               for s in edit.sites},
@@ -207,6 +238,8 @@ def main() -> int:
     parser.add_argument("--memit", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--distractors", type=int, default=200)
+    parser.add_argument("--random", type=int, default=5,
+                        help="random rank-one controls (norms of the first ROME edits)")
     parser.add_argument("--json", type=Path,
                         default=Path("benchmarks/results/forensics_subspace.json"))
     args = parser.parse_args()
@@ -218,12 +251,13 @@ def main() -> int:
     bases = eigenbases(model, hp)
     unedited_raw = raw_ratios(model, bases)
     unedited = scores(unedited_raw)
-    unedited_scan = scan(model, use_registry=False)
     need = args.n + args.n_deep + args.memit * args.batch
     records = ev.known_records(model, ev.load_counterfact(DATA), need)
     taken = {r.request.subject for r in records}
     distractors = [r.request.subject for r in ev.load_counterfact(DATA)
                    if r.request.subject not in taken][: args.distractors]
+    unedited_scan = scan(model, use_registry=False,
+                         candidates=[*(r.request.subject for r in records), *distractors])
     plan = ([("rome", [r], int(hp.layer)) for r in records[: args.n]]
             + [("rome", [r], args.deep_layer)
                for r in records[args.n : args.n + args.n_deep]])
@@ -232,6 +266,11 @@ def main() -> int:
              for i in range(args.memit)]
     rows = [run_edit(model, kind, recs, bases, distractors, layer)
             for kind, recs, layer in plan]
+    for i, row in enumerate(rows[: args.random]):
+        source = load_edit(next(EDITS.glob(f"rome-{hp.layer}-*{_safe(row['subjects'][0])}*")),
+                           model)
+        rows.append(measure(model, "random", random_like(model, source, seed=i),
+                            records[i: i + 1], bases, distractors, None))
     for row in rows:
         if row["kind"] == "rome" and row["layers"] != [int(hp.layer)]:
             row["kind"] = f"rome@L{row['layers'][0]}"
@@ -239,6 +278,7 @@ def main() -> int:
         "benchmark": "forensics_subspace", "default_layer": int(hp.layer),
         "subspaces": SUBSPACES, "floor": FLOOR, "config": repr(ScanConfig()),
         "unedited": {"raw": unedited_raw, "scores": unedited,
+                     "scan_findings": [repr(f) for f in unedited_scan.findings],
                      "spectra": spectra(model, bases),
                      "scan_layers": list(unedited_scan.layers)},
         "summary": summary(unedited, rows), "scan_summary": scan_summary(rows),

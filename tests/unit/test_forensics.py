@@ -17,6 +17,8 @@ from tiny import tiny_model
 import rome_lens
 from rome_lens import Edit, EditRequest, LowRankSite, base_fingerprint, base_weights
 from rome_lens.audit import ScanConfig, ScanReport, scan
+from rome_lens.audit.forensics.decode import subject_keys_at
+from rome_lens.audit.forensics.spectrum import key_directions, matched_subject_scores
 from rome_lens.cli import main
 from rome_lens.errors import InvalidRequestError
 from rome_lens.models import access
@@ -353,3 +355,67 @@ def test_a_scan_reads_candidate_keys_from_the_cache(model, hparams) -> None:
     scores = [[v for _, v in r.findings[0].subjects] for r in (fresh, first, second)]
     assert scores[1] == pytest.approx(scores[0], rel=1e-4)
     assert scores[2] == pytest.approx(scores[1], rel=1e-5)
+
+
+
+#: 26 candidates whose last characters (where the char-level tiny models read keys) differ.
+NAMES = [f"Dr {name}" for name in (
+    "Alba", "Bob", "Circ", "David", "Rose", "Leif", "Carol King", "Smith", "Levi", "Raj", "Nick",
+    "Paul", "Kim", "Quinn", "Milo", "Philip", "Iraq", "Oscar", "Chris", "Matt", "Lulu", "Ravi",
+    "Andrew", "Max", "Ray", "Fritz")]
+
+
+def _rome_shaped(model, layer: int, subject: str, templates, hparams, scale: float) -> Edit:
+    """``u r^T`` with ROME's key side ``u ~ C^-1 k`` of ``subject`` and a value read as "Z"."""
+    moment = rome_lens.second_moment(model, layer, corpus=STATS_CORPUS, hparams=hparams)
+    key = subject_keys_at(model, [layer], [subject], templates)[layer]
+    left = key_directions(moment, key, float(rome_lens.default_hparams(model).mom2_ridge))[0]
+    right = _value_direction(model, layer, "Z")
+    weight = access.read_mlp_out(model, layer)
+    left = left * scale * float(weight.norm())
+    return Edit(sites=(LowRankSite(layer, left[:, None], right[None]),), requests=(),
+                method="planted", hparams={}, base_fingerprint=base_fingerprint(model))
+
+
+def test_matched_scores_name_the_subject_of_a_rome_shaped_edit_blind(model, hparams) -> None:
+    # Tiny models' keys crowd a 64-dimensional space (the embedded model's z: edited subjects
+    # 22-38 against 5.4 unedited, over 2048 dimensions), so the threshold here is lower.
+    templates = context_templates(model, hparams)
+    config = ScanConfig(z_threshold=float("inf"), key_subspace=0.0, match_threshold=3.5)
+    kwargs = {"candidates": NAMES, "templates": templates, "corpus": STATS_CORPUS,
+              "hparams": hparams, "config": config, "use_registry": False}
+    assert scan(model, **kwargs).findings == ()
+    base = _fresh(model)
+    edit = _rome_shaped(model, 1, "Dr Carol King", templates, hparams, 0.3).apply(model)
+    report = scan(model, probes=["Dr Carol King lives in", *PROBES[:2]], **kwargs)
+    (finding,) = report.findings
+    assert (finding.layer, finding.mode, finding.rank, finding.subject) == (
+        1, "subject", 1, "Dr Carol King")
+    assert finding.score >= config.match_threshold and 0.5 <= finding.confidence < 1.0
+    assert [name for name, _ in finding.subjects] == ["Dr Carol King"]
+    # the fitted update points along the planted one (its value side fitted in the 8
+    # lowest-variance key directions, where the unedited weight is the fit's noise)
+    fitted, planted = finding.reversal.delta().flatten(), edit.delta().flatten()
+    assert float(-fitted @ planted / (fitted.norm() * planted.norm())) > 0.6
+    # too few candidates: the matched score is not computed
+    assert scan(model, **(kwargs | {"candidates": NAMES[:5]})).findings == ()
+    edit.revert(model)
+    assert access.parameters_checksum(model) == access.parameters_checksum(base)
+
+
+def test_matched_scores_single_out_the_planted_direction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 16, generator=gen)
+    directions = torch.linalg.qr(torch.randn(48, 48, generator=gen))[0].T[:30]
+    plain = matched_subject_scores(weight, directions, 0.1)
+    edited = weight + 6.0 * torch.outer(directions[7], torch.randn(16, generator=gen))
+    scores = matched_subject_scores(edited, directions, 0.1)
+    assert float(plain.abs().max()) < 4.0
+    assert int(scores.argmax()) == 7 and float(scores[7]) > 8.0
+    assert float(torch.cat([scores[:7], scores[8:]]).max()) < 4.0
+    moment = torch.diag(torch.linspace(0.1, 10.0, 48))
+    keys = torch.randn(3, 48, generator=gen)
+    u = key_directions(moment, keys, 0.0)
+    assert torch.allclose(u.norm(dim=1), torch.ones(3))
+    expected = keys / torch.linspace(0.1, 10.0, 48)
+    assert torch.allclose(u, expected / expected.norm(dim=1, keepdim=True), atol=1e-6)

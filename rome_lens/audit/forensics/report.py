@@ -31,6 +31,8 @@ from rome_lens.plotting import forensic_scan
 #: Key-subspace score at and above which a layer is flagged without base weights (see
 #: :class:`ScanConfig`).
 KEY_THRESHOLD = 4.0
+#: Matched-filter z at and above which a candidate subject is named edited at a layer, blind.
+MATCH_THRESHOLD = 8.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ class ScanConfig:
             :func:`~rome_lens.audit.forensics.spectrum.key_subspace_scores`); 0 turns it off.
         key_threshold: the key-subspace score at and above which a layer is flagged (embedded
             model: ``benchmarks/forensics_subspace.py``).
+        match_threshold: without base weights but with candidates, a candidate whose matched
+            score at a layer (:func:`~rome_lens.audit.forensics.spectrum.matched_subject_scores`:
+            the weight's response along ROME's update direction of the candidate's key, z over
+            all candidates) reaches this value is named edited there; ``inf`` turns it off.
+            Embedded model (``benchmarks/forensics_subspace.py``): ROME edits' own subjects
+            z 22-38 at layer 1 and 11-27 at layer 6, the unedited model's maximum 5.4 over 18
+            layers x 320 candidates.
+        match_min_candidates: the matched score needs this many candidates (its median and MAD
+            are taken over them); with fewer it is not computed.
     """
 
     z_threshold: float = 4.0
@@ -81,6 +92,8 @@ class ScanConfig:
     queries: tuple[str, ...] | None = None
     key_subspace: float = 0.125
     key_threshold: float = KEY_THRESHOLD
+    match_threshold: float = MATCH_THRESHOLD
+    match_min_candidates: int = 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,18 +133,22 @@ class Finding:
         weight: the weight's name (``blocks.L.mlp.W_out`` for MLP output weights, else the
             model's state-dict name).
         mode: ``"base"`` (an exact difference to base weights), ``"spectrum"`` (inferred from the
-            spectrum of the weight) or ``"keys"`` (inferred from the weight in the
+            spectrum of the weight), ``"keys"`` (inferred from the weight in the
             low-variance key subspace, see
-            :func:`~rome_lens.audit.forensics.spectrum.key_subspace_scores`).
+            :func:`~rome_lens.audit.forensics.spectrum.key_subspace_scores`) or ``"subject"``
+            (candidates' matched scores, see
+            :func:`~rome_lens.audit.forensics.spectrum.matched_subject_scores`).
         confidence: in [0, 1]; 1 for a difference above rounding noise, else from the score.
         rank: numerical rank of the difference, or the number of flagged components.
         singular_values: of the difference (up to 16), or of the flagged components.
         objects: decoded top strings of the new object, best first (empty when not decoded).
         subject: the candidate the change fires on most, when it fires clearly; else ``None``.
-        subjects: ``(candidate, score)`` best first (score: firing / typical firing).
+        subjects: ``(candidate, score)`` best first (score: firing / typical firing; in mode
+            ``"subject"`` the matched z of the candidates named edited).
         components: the decoded components.
         relative_norm: ``||D||_F / ||W_base||_F`` (with base weights), else ``None``.
-        score: the largest outlier score (spectrum mode), else ``None``.
+        score: the largest outlier score (spectrum mode), key-subspace score (keys) or
+            matched z (subject), else ``None``.
         reversal: an edit that removes the change (MLP output weights), else ``None``.
     """
 

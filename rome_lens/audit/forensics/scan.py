@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -63,8 +64,10 @@ from rome_lens.audit.forensics.report import (
 )
 from rome_lens.audit.forensics.spectrum import (
     confidence_from_score,
+    key_directions,
     key_subspace_scores,
     low_variance_basis,
+    matched_subject_scores,
     numerical_rank,
     outlier_scores,
     singular_values,
@@ -85,7 +88,7 @@ from rome_lens.errors import InvalidRequestError
 from rome_lens.evaluation.relations import RELATIONS
 from rome_lens.models import access
 from rome_lens.predict import next_token_logprobs, next_token_logprobs_batch
-from rome_lens.rome import default_hparams, rank_one_factors
+from rome_lens.rome import default_hparams
 from rome_lens.statistics import Corpus, CorpusSize, context_templates, second_moments
 
 logger = logging.getLogger(__name__)
@@ -118,6 +121,7 @@ class _Change:
     mode: str = "spectrum"
     moment: Float[torch.Tensor, "d_mlp d_mlp"] | None = None
     basis: Float[torch.Tensor, "d_mlp m"] | None = None
+    named: tuple[tuple[str, float], ...] = ()
 
 
 def scan(
@@ -170,11 +174,9 @@ def scan(
     if known is not None:
         changes, findings = _base_changes(model, known, config)
     else:
-        changes, findings = _spectral_changes(model, z, config), []
-        if config.key_subspace > 0:
-            key_scores, bases = _key_scores(model, config, corpus, hparams)
-            flagged = {c.layer for c in changes}
-            changes += _key_changes(model, key_scores, bases, flagged, config)
+        changes, key_scores = _blind_changes(model, z, subjects, templates, config, corpus,
+                                             hparams)
+        findings = []
     key_model = known.base_model if known is not None and known.base_model is not None else model
     findings += _read_changes(model, key_model, changes, subjects, templates, lens, config,
                               known)
@@ -301,22 +303,75 @@ def _layer_scores(model: Model, config: ScanConfig) -> Float[torch.Tensor, "laye
     return outlier_scores(torch.stack(spectra), config.z_floor)
 
 
-def _key_scores(
-    model: Model, config: ScanConfig, corpus: Corpus, hparams: CorpusSize | None
-) -> tuple[Float[torch.Tensor, " layer"], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Every layer's key-subspace score (:func:`key_subspace_scores`) and low-variance basis.
+def _blind_changes(
+    model: Model, z: Float[torch.Tensor, "layer k"], subjects: list[str],
+    templates: Sequence[str] | None, config: ScanConfig, corpus: Corpus,
+    hparams: CorpusSize | None,
+) -> tuple[list[_Change], Float[torch.Tensor, " layer"] | None]:
+    """The changes a scan without base weights infers, and every layer's key-subspace score.
 
-    ``C`` comes from :func:`second_moments` (one pass for every layer, cached per base model).
-    Under applied rome_lens edits that is the registry's base; otherwise the model as it is,
-    whose keys at an edited layer are the base's (a layer's keys are computed before its
-    output weight acts) and elsewhere differ only on the edited subjects.
+    Candidates' matched scores first (they name the subject), then the spectrum, then the
+    key-subspace score, each on the layers the earlier ones left unflagged.
     """
+    matching = (len(subjects) >= config.match_min_candidates
+                and math.isfinite(config.match_threshold))
+    if len(subjects) < config.match_min_candidates and subjects:
+        logger.info("matched scores need %d candidates, got %d: skipped",
+                    config.match_min_candidates, len(subjects))
+    moments = None
+    if matching or config.key_subspace > 0:
+        layers = list(range(access.n_layers(model)))
+        moments = second_moments(model, layers, corpus, hparams or default_hparams(model))
+    changes = (_matched_changes(model, subjects, templates, moments, config)
+               if matching and moments is not None else [])
+    flagged = {c.layer for c in changes}
+    changes += [c for c in _spectral_changes(model, z, config) if c.layer not in flagged]
+    key_scores = None
+    if config.key_subspace > 0 and moments is not None:
+        key_scores, bases = _key_scores(model, config, moments)
+        changes += _key_changes(model, key_scores, bases, {c.layer for c in changes}, config)
+    return changes, key_scores
+
+
+def _key_scores(
+    model: Model, config: ScanConfig, moments: Mapping[int, torch.Tensor]
+) -> tuple[Float[torch.Tensor, " layer"], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every layer's key-subspace score (:func:`key_subspace_scores`) and low-variance basis."""
     layers = list(range(access.n_layers(model)))
-    moments = second_moments(model, layers, corpus, hparams or default_hparams(model))
     bases = [low_variance_basis(moments[layer], config.key_subspace) for layer in layers]
     weights = [access.read_mlp_out(model, layer) for layer in layers]
     return (key_subspace_scores(weights, bases, config.z_floor),
             [(moments[layer].cpu(), basis) for layer, basis in zip(layers, bases, strict=True)])
+
+
+def _matched_changes(
+    model: Model, subjects: list[str], templates: Sequence[str] | None,
+    moments: Mapping[int, torch.Tensor], config: ScanConfig,
+) -> list[_Change]:
+    """Per layer, the candidates whose matched score reaches ``config.match_threshold``.
+
+    Each flagged layer's change is the ROME-shaped update of those candidates' keys
+    (:func:`_shaped_change`); its ``named`` candidates are best first with their z.
+    """
+    layers = list(range(access.n_layers(model)))
+    templates = list(templates) if templates else context_templates(model, default_hparams(model))
+    keys = subject_keys_at(model, layers, subjects, templates, cache=config.cache_keys)
+    ridge = float(default_hparams(model).mom2_ridge)
+    changes = []
+    for layer in layers:
+        scores = matched_subject_scores(access.read_mlp_out(model, layer),
+                                        key_directions(moments[layer], keys[layer], ridge),
+                                        config.z_floor)
+        hits = [int(i) for i in scores.argsort(descending=True)[: config.dense_above]
+                if float(scores[i]) >= config.match_threshold]
+        if not hits:
+            continue
+        named = tuple((subjects[i], float(scores[i])) for i in hits)
+        basis = low_variance_basis(moments[layer], config.key_subspace or 0.125)
+        change = _shaped_change(model, layer, moments[layer].cpu(), basis, keys[layer][hits])
+        changes.append(_Change(change.layer, change.left, change.values, change.right,
+                               scores=[named[0][1]], mode="subject", named=named))
+    return changes
 
 
 def _key_changes(
@@ -387,8 +442,12 @@ def _finding(
     reference: torch.Tensor | None, lens: TunedLens | None, config: ScanConfig, exact: bool,
 ) -> Finding:
     scaled = change.left * change.values
-    ranked = _rank_subjects(scaled, change.right, subjects, keys, reference, config)
-    subject = ranked[0][0] if ranked and ranked[0][1] >= config.subject_threshold else None
+    if change.named:
+        ranked = list(change.named)
+        subject: str | None = ranked[0][0]
+    else:
+        ranked = _rank_subjects(scaled, change.right, subjects, keys, reference, config)
+        subject = ranked[0][0] if ranked and ranked[0][1] >= config.subject_threshold else None
     if subject is not None and keys is not None and change.mode == "keys":
         change = _rome_shaped(model, change, keys[subjects.index(subject)])
     components = _components(model, change, lens, config)
@@ -402,7 +461,8 @@ def _finding(
         objects = top_strings(model, direction_logits(model, change.layer, out, lens),
                               config.top_k)
     score = max(change.scores) if change.scores else None
-    threshold = config.key_threshold if change.mode == "keys" else config.z_threshold
+    threshold = {"keys": config.key_threshold,
+                 "subject": config.match_threshold}.get(change.mode, config.z_threshold)
     confidence = 1.0 if exact else confidence_from_score(score or 0.0, threshold)
     relative = None
     if exact:
@@ -420,25 +480,31 @@ def _finding(
 
 
 def _rome_shaped(model: Model, change: _Change, key: Float[torch.Tensor, " d_mlp"]) -> _Change:
-    """The ROME-shaped rank-one update of the named subject's key ``k``, fitted to the weight.
-
-    Its key side is ROME's ``u = C^-1 k / (k^T C^-1 k)``; its value side ``r`` is fitted. The
-    low-variance component alone is only the part of an update that text rarely excites, not
-    what the subject's key reads (mostly the other directions). With ``u`` known up to the
-    edit's own ridge (the model's ROME hyperparameters), ``r`` is the least-squares fit of the
-    weight's low-variance part ``E^T W`` by ``(E^T u) r^T`` (the unedited weight's part there
-    is the noise of the fit).
-    """
+    """A keys-mode change replaced by the ROME-shaped update of the named subject's key."""
     assert change.moment is not None and change.basis is not None
-    d_model = int(change.right.shape[1])
-    left, _ = rank_one_factors(change.moment, key.float().cpu(), torch.zeros(d_model),
-                               default_hparams(model).mom2_ridge)
-    low = change.basis.T @ left
-    weight = access.read_mlp_out(model, change.layer).float().cpu()
-    right = low @ (change.basis.T @ weight) / (low @ low)
-    norms = left.norm(), right.norm()
-    return _Change(change.layer, (left / norms[0])[:, None], (norms[0] * norms[1]).reshape(1),
-                   (right / norms[1])[None], scores=change.scores, mode=change.mode)
+    shaped = _shaped_change(model, change.layer, change.moment, change.basis, key[None])
+    return _Change(shaped.layer, shaped.left, shaped.values, shaped.right,
+                   scores=change.scores, mode=change.mode)
+
+
+def _shaped_change(
+    model: Model, layer: int, moment: torch.Tensor, basis: Float[torch.Tensor, "d_mlp m"],
+    keys: Float[torch.Tensor, "k d_mlp"],
+) -> _Change:
+    """The ROME-shaped update ``U R`` of subjects' keys at ``layer``, fitted to the weight.
+
+    Its key side ``U`` holds ROME's directions ``C^-1 k`` (with the model's ROME ridge); its
+    value side ``R`` is fitted. What text rarely excites is where an edit stands out, so ``R``
+    is the least-squares fit of the weight's low-variance part ``E^T W`` by ``(E^T U) R`` (the
+    unedited weight's part there is the noise of the fit); the change covers the whole update,
+    also the directions the subject's key reads most.
+    """
+    left = key_directions(moment, keys.float(), float(default_hparams(model).mom2_ridge)).T
+    weight = access.read_mlp_out(model, layer).float().cpu()
+    right = torch.linalg.lstsq((basis.T @ left).double(), (basis.T @ weight).double()).solution
+    q, r = torch.linalg.qr(left.double())
+    u, s, vh = torch.linalg.svd(r @ right, full_matrices=False)
+    return _Change(layer, (q @ u).float(), s.float(), vh.float())
 
 
 def _queries(config: ScanConfig) -> tuple[str, ...]:

@@ -155,6 +155,47 @@ def key_subspace_scores(
     return leave_one_out_z(low, floor) - leave_one_out_z(plain, floor)
 
 
+def key_directions(
+    moment: Float[torch.Tensor, "d_mlp d_mlp"], keys: Float[torch.Tensor, "n d_mlp"],
+    ridge: float,
+) -> Float[torch.Tensor, "n d_mlp"]:
+    """ROME's update directions ``u = (C + ridge * mean(diag C) I)^-1 k`` of ``keys``, unit norm.
+
+    Solved in float64, one solve for all keys (the rows of the result follow ``keys``).
+    """
+    c = moment.detach().double().cpu()
+    if ridge > 0:
+        c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    u = torch.linalg.solve(c, keys.detach().double().cpu().T).T
+    return (u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)).float()
+
+
+def matched_subject_scores(
+    weight: Float[torch.Tensor, "d_mlp d_model"], directions: Float[torch.Tensor, "n d_mlp"],
+    floor: float,
+) -> Float[torch.Tensor, " n"]:
+    """How much more the weight answers each candidate's update direction than the others'.
+
+    A ROME-style edit of subject ``s`` adds ``u_s r^T`` with ``u_s ~ C^-1 k_s``, so the weight's
+    response ``||u_s^T W||`` along the subject's own unit direction gains the whole edit, while
+    the unedited weight answers every candidate's direction alike. The score of each candidate
+    is the robust z-score (median, 1.4826 MAD >= ``floor``) of ``log ||u^T W||`` over all
+    candidates: a matched filter that needs the edited subject among the candidates, and in
+    exchange sees edits far weaker than the spectrum of ``W`` shows.
+
+    Example:
+        >>> w = torch.randn(32, 8); d = torch.linalg.qr(torch.randn(32, 32))[0].T[:20]
+        >>> w_edit = w + 5 * torch.outer(d[3], torch.randn(8))
+        >>> int(matched_subject_scores(w_edit, d, 0.1).argmax())
+        3
+    """
+    values = (directions.float() @ weight.detach().float().cpu()).norm(dim=1).clamp_min(1e-30)
+    values = values.log()
+    centre = values.median()
+    spread = max(float(MAD_TO_STD * (values - centre).abs().median()), floor)
+    return (values - centre) / spread
+
+
 def confidence_from_score(score: float, threshold: float) -> float:
     """``1 - 2^(-score / threshold)``: 0.5 at the threshold, 0.75 at twice, 0.875 at 3x."""
     if score <= 0:
