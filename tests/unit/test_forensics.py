@@ -381,7 +381,8 @@ def test_matched_scores_name_the_subject_of_a_rome_shaped_edit_blind(model, hpar
     # Tiny models' keys crowd a 64-dimensional space (the embedded model's z: edited subjects
     # 22-38 against 5.4 unedited, over 2048 dimensions), so the threshold here is lower.
     templates = context_templates(model, hparams)
-    config = ScanConfig(z_threshold=float("inf"), key_subspace=0.0, match_threshold=3.5)
+    config = ScanConfig(z_threshold=float("inf"), key_subspace=0.0, match_threshold=3.5,
+                        match_templates=0)
     kwargs = {"candidates": NAMES, "templates": templates, "corpus": STATS_CORPUS,
               "hparams": hparams, "config": config, "use_registry": False}
     assert scan(model, **kwargs).findings == ()

@@ -79,6 +79,10 @@ class ScanConfig:
             layers x 320 candidates.
         match_min_candidates: the matched score needs this many candidates (its median and MAD
             are taken over them); with fewer it is not computed.
+        match_templates: the matched score reads each candidate's key from the first this many
+            context templates (0: all). The keys are needed at every layer of the model as it
+            is; on the embedded model 3 templates give the same z (ROME edits' subjects 22-39,
+            unedited maximum 4.9 over 200 candidates) in 7 s instead of 110 s.
     """
 
     z_threshold: float = 4.0
@@ -94,6 +98,7 @@ class ScanConfig:
     key_threshold: float = KEY_THRESHOLD
     match_threshold: float = MATCH_THRESHOLD
     match_min_candidates: int = 20
+    match_templates: int = 3
 
 
 @dataclass(frozen=True, eq=False)

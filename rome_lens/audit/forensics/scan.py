@@ -10,6 +10,12 @@ Two modes, chosen by what is known about the unedited model:
   on most, see :mod:`rome_lens.audit.forensics.decode`). When a subject is named, the object is
   read from questions about it (``config.queries``): the tokens the change makes likelier there
   (the model with the finding's reversal applied is the model without the change).
+* **Without them, with candidates** (at least ``config.match_min_candidates``): a matched
+  filter. For every layer and candidate, ROME's update direction of the candidate's key
+  (``u = C^-1 k``) and the weight's response along it; a candidate that stands out of the others
+  by ``config.match_threshold`` (robust z) is named edited there (findings of mode
+  ``"subject"``, :func:`~rome_lens.audit.forensics.spectrum.matched_subject_scores`). The change
+  is the ROME-shaped update of the named subjects' keys, its value side fitted to the weight.
 * **Without them**: each MLP output weight's spectrum is scored against the other layers' (a
   robust leave-one-out outlier score of its top components relative to its own bulk, see
   :mod:`rome_lens.audit.forensics.spectrum`); a layer whose top component(s) score at or above
@@ -355,7 +361,8 @@ def _matched_changes(
     """
     layers = list(range(access.n_layers(model)))
     templates = list(templates) if templates else context_templates(model, default_hparams(model))
-    keys = subject_keys_at(model, layers, subjects, templates, cache=config.cache_keys)
+    keys = subject_keys_at(model, layers, subjects, templates[: config.match_templates or None],
+                           cache=config.cache_keys)
     ridge = float(default_hparams(model).mom2_ridge)
     changes = []
     for layer in layers:
@@ -554,7 +561,7 @@ def _components(
             index=i, singular_value=float(change.values[i]),
             objects=top_strings(model, logits, config.top_k),
             suppressed=top_strings(model, -logits, config.top_k),
-            score=change.scores[i] if change.scores else None,
+            score=change.scores[i] if change.scores and i < len(change.scores) else None,
             left=sign * change.left[:, i], right=sign * change.right[i],
         ))
     return out
