@@ -114,12 +114,18 @@ def blind_scan(model: Any, edit: Any, records: list[Any], distractors: list[str]
     first = {r.request.subject: ev_first(model, r.target_new) for r in records}
     hits = [any(f.subject == s and f.objects and _norm(f.objects[0]) == first[s]
                 for f in report.findings) for s in subjects]
+    hits10 = [any(f.subject == s and first[s] in [_norm(o) for o in f.objects[:10]]
+                  for f in report.findings) for s in subjects]
+    named_any = {name for f in report.findings for name, _ in f.subjects
+                 if f.mode == "subject"} | named
     return {
         "layers": list(report.layers), "modes": [f.mode for f in report.findings],
         "key_scores": [round(float(s), 3) for s in report.key_scores]
         if report.key_scores is not None else None,
         "subjects_named": sum(s in named for s in subjects), "facts": len(subjects),
-        "object_top1": sum(hits), "changed_top1": edited_top != unedited_top,
+        "object_top1": sum(hits), "object_top10": sum(hits10),
+        "subjects_named_any": sum(s in named_any for s in subjects),
+        "changed_top1": edited_top != unedited_top,
         "reversal_restores": restored, "scan_seconds": round(seconds, 2),
         "findings": [repr(f) for f in report.findings],
     }
@@ -223,6 +229,8 @@ def scan_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "facts": sum(r["scan"]["facts"] for r in group),
             "subjects_named": sum(r["scan"]["subjects_named"] for r in group),
             "object_top1": sum(r["scan"]["object_top1"] for r in group),
+            "object_top10": sum(r["scan"].get("object_top10", 0) for r in group),
+            "subjects_named_any": sum(r["scan"].get("subjects_named_any", 0) for r in group),
             "reversal_restores": sum(bool(r["scan"]["reversal_restores"]) for r in group
                                      if r["scan"]["changed_top1"]),
             "changed_top1": sum(bool(r["scan"]["changed_top1"]) for r in group),
