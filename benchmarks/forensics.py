@@ -20,7 +20,8 @@ other layers), ``rome-erasure`` (``objective="erasure"``), ``memit`` and ``alpha
   its detection rate is reported on its own line, never as a false positive. It controls for the
   read-outs: each control borrows the fact of the ROME edit whose norm it copies, and its
   object and subject "recovery" against that fact (which is not in the weights) is the chance
-  level of those metrics for a low-rank change of that size. Its reversal shows that the removal
+  level of those metrics for a low-rank change of that size (subjects: blind only; its scan with
+  base weights names no subject, see :func:`run_scans`). Its reversal shows that the removal
   of a flagged component is exact, independent of any fact.
 
 Candidates. The subjects of the dataset: every unique subject of counterfact-train.json with
@@ -70,7 +71,7 @@ spread and AlphaEdit's projector (minutes). A scan: 18 SVDs of [2048, 640] (~1-2
 through the 262k-token unembedding, and the probes (3 next-token forwards each: ~1-2 s for a
 single edit's ~5 probes, ~2-4 min for the 100-fact batch's 203). Candidate keys are the largest
 single cost: 1000 candidates x 21 ROME templates = 21k rows of ~16 tokens; at ~11 MFLOP per
-token and layer, a pass to layer 17 (random controls can sit anywhere) is ~7e13 FLOP, 20-30 min
+token and layer, a pass to layer 17 is ~7e13 FLOP, 20-30 min
 at 40-60 GFLOP/s, done ONCE before the first unit (``warm_keys``, cached per base model, layer,
 templates and candidate list; ``--candidates 0``, ~10k subjects, would be ~10x). Blind scans
 read the same keys unless an edit sits below the flagged layer: MEMIT/AlphaEdit states that the
@@ -382,7 +383,7 @@ def fact_info(model: Any, fact: Any) -> dict[str, Any]:
 
 def warm_keys(model: Any, units: list[Unit], cands: list[str], tiny: bool) -> None:
     """Candidate keys of the base model at every layer the plan edits, in one cached pass."""
-    layers = {u.layer for u in units if u.layer is not None}
+    layers = {u.layer for u in units if u.layer is not None and u.kind != "random"}
     if any(u.kind in ("memit", "alphaedit") for u in units):
         layers |= {1, 2} if tiny else set(default_memit_hparams(model).layers)
     if not layers or not cands:
@@ -423,8 +424,12 @@ def run_scans(model: Any, unit: Unit, cands: list[str], probes: list[str],
     snapshot = ({n: p.detach().clone() for n, p in model.named_parameters()}
                 if unit.kind == "none" else None)
     for mode, kwargs in (("blind", {"use_registry": False}), ("base", {"base": snapshot})):
+        # a random control's exact change sits at any layer: naming subjects there with base
+        # weights would cost a pass of every candidate's 21 template keys per control, and
+        # its blind scan already gives the chance level of the subject read-out
+        named = None if unit.kind == "random" and mode == "base" else cands
         t0 = time.perf_counter()
-        report = scan(model, candidates=cands, probes=probes, config=config, **kwargs)
+        report = scan(model, candidates=named, probes=probes, config=config, **kwargs)
         out[mode] = scan_row(report, time.perf_counter() - t0)
     return out
 
