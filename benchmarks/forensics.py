@@ -71,7 +71,7 @@ spread and AlphaEdit's projector (minutes). A scan: 18 SVDs of [2048, 640] (~1-2
 through the 262k-token unembedding, and the probes (3 next-token forwards each: ~1-2 s for a
 single edit's ~5 probes, ~2-4 min for the 100-fact batch's 203). Candidate keys are the largest
 single cost: 1000 candidates x 21 ROME templates = 21k rows of ~16 tokens; at ~11 MFLOP per
-token and layer, a pass to layer 17 is ~7e13 FLOP, 20-30 min
+token and layer, a pass to layer 17 is ~7e13 FLOP (to the deepest edited layer: less), 20-30 min
 at 40-60 GFLOP/s, done ONCE before the first unit (``warm_keys``, cached per base model, layer,
 templates and candidate list; ``--candidates 0``, ~10k subjects, would be ~10x). Blind scans
 read the same keys unless an edit sits below the flagged layer: MEMIT/AlphaEdit states that the
@@ -424,9 +424,9 @@ def run_scans(model: Any, unit: Unit, cands: list[str], probes: list[str],
     snapshot = ({n: p.detach().clone() for n, p in model.named_parameters()}
                 if unit.kind == "none" else None)
     for mode, kwargs in (("blind", {"use_registry": False}), ("base", {"base": snapshot})):
-        # a random control's exact change sits at any layer: naming subjects there with base
-        # weights would cost a pass of every candidate's 21 template keys per control, and
-        # its blind scan already gives the chance level of the subject read-out
+        # a random control sits at any layer: naming subjects there with base weights would cost
+        # a pass of every candidate's keys over all context templates per control, and its
+        # blind scan already gives the chance level of the subject read-out
         named = None if unit.kind == "random" and mode == "base" else cands
         t0 = time.perf_counter()
         report = scan(model, candidates=named, probes=probes, config=config, **kwargs)
