@@ -24,7 +24,15 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import TRAIN, append_row, known_facts, load_model, score_all, summary  # noqa: E402
+from _many import (  # noqa: E402
+    TRAIN,
+    append_row,
+    known_facts,
+    load_model,
+    score_all,
+    summary,
+    sync_targets,
+)
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
@@ -55,6 +63,7 @@ def main() -> int:
         edit = rome_lens.compute_edit(model, [f.request for f in facts], method=method,
                                       hparams=hp, cache_targets=True)
         seconds = time.perf_counter() - t0
+        sync_targets(to_repo=True)
         with edit.applied(model):
             s = summary(score_all(model, facts))
         row = {"method": method, "config": config, "seconds": seconds,
