@@ -5,7 +5,7 @@ records of counterfact-train.json the unedited model knows (p(true) > p(new)), o
 edited in ONE batch per setting; ES / PS / NS of the batch are reported next to the unedited
 model's on the same facts. Targets are cached (``cache_targets``), so settings that share the
 last layer of their range share the expensive part; each line is appended to
-``<out>.jsonl`` and the table is written to ``<out>.json``.
+``<out>.jsonl`` and the table of every setting in it is written to ``<out>.json``.
 
 Usage:
     python benchmarks/memit_layers.py --n 100 \\
@@ -29,6 +29,7 @@ from _many import (  # noqa: E402
     append_row,
     known_facts,
     load_model,
+    read_rows,
     score_all,
     summary,
     sync_targets,
@@ -71,6 +72,7 @@ def main() -> int:
         append_row(args.out.with_suffix(".jsonl"), row)
         table.append(row)
         print(method, config, {k: round(s[k], 1) for k in ("ES", "PS", "NS", "S")})
+    table = table[:1] + read_rows(args.out.with_suffix(".jsonl"))  # every setting run so far
     result = {"benchmark": "memit_layers", "model": rome_lens.DEFAULT_MODEL, "facts": len(facts),
               "table": table, "provenance": provenance(seed=0)}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
