@@ -46,7 +46,12 @@ from rome_lens.methods.memit import (  # noqa: E402
     resolve_hparams,
 )
 from rome_lens.methods.spread import spread  # noqa: E402
-from rome_lens.methods.targets import optimise_targets, request_chunks, subject_rows  # noqa: E402
+from rome_lens.methods.targets import (  # noqa: E402
+    optimise_targets,
+    request_chunks,
+    request_means,
+    subject_rows,
+)
 from rome_lens.models import access  # noqa: E402
 from rome_lens.statistics import second_moment  # noqa: E402
 
@@ -63,12 +68,8 @@ def reach(z_rows: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
           index: torch.Tensor, first: torch.Tensor) -> dict[str, float]:
     """Fraction of the gap z - h closed, per request (means and quantiles over requests)."""
     n = int(index.max()) + 1
-
-    def means(rows: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n, rows.shape[1]).index_add_(0, index, rows) / torch.bincount(
-            index, minlength=n)[:, None]
-
-    gap0, gap1 = means(z_rows - before), means(z_rows - after)
+    gap0 = request_means(z_rows - before, index, n)
+    gap1 = request_means(z_rows - after, index, n)
     mean_reach = 1 - gap1.norm(dim=1) / gap0.norm(dim=1).clamp_min(1e-9)
     bare = 1 - (z_rows - after)[first].norm(dim=1) / (z_rows - before)[first].norm(dim=1)
     q = torch.tensor([0.1, 0.5, 0.9])
