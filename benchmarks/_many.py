@@ -181,11 +181,9 @@ def sync_targets(to_repo: bool = False) -> int:
     Returns:
         The number of files copied.
     """
-    import os
     import shutil
 
-    root = os.environ.get("ROME_LENS_CACHE") or Path.home() / ".cache" / "rome_lens"
-    machine = Path(root) / "targets"
+    machine = rome_lens.cache_dir("targets")
     source, sink = (machine, SHARED_TARGETS) if to_repo else (SHARED_TARGETS, machine)
     if not source.exists():
         return 0

@@ -96,7 +96,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import sys
@@ -322,8 +321,8 @@ def edit_cache_path(model: Any, unit: Unit, tiny: bool) -> Path:
     spec = json.dumps([unit.key, [f.case_id for f in unit.facts], method, repr(options),
                        defaults])
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ROME_LENS_CACHE") or Path.home() / ".cache" / "rome_lens")
-    return root / "forensics_edits" / f"{base_fingerprint(model)}-{digest}.safetensors"
+    name = f"{base_fingerprint(model)}-{digest}.safetensors"
+    return rome_lens.cache_dir("forensics_edits") / name
 
 
 def site_rows(model: Any, edit: Edit) -> list[dict[str, Any]]:

@@ -39,20 +39,20 @@ from _many import TRAIN, append_row, known_facts, load_model, score_all, summary
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
-from rome_lens.edits import Edit, base_fingerprint  # noqa: E402
+from rome_lens.edits import Edit  # noqa: E402
 from rome_lens.methods.memit import (  # noqa: E402
     default_memit_hparams,
     memit_solver,
     resolve_hparams,
 )
-from rome_lens.methods.spread import spread  # noqa: E402
+from rome_lens.methods.spread import measure_rows, partial_edit, spread  # noqa: E402
 from rome_lens.methods.targets import (  # noqa: E402
+    chunk_index,
+    first_rows,
     optimise_targets,
     request_chunks,
     request_means,
-    subject_rows,
 )
-from rome_lens.models import access  # noqa: E402
 from rome_lens.statistics import second_moment  # noqa: E402
 
 OUT = Path("benchmarks/results/memit_diag")
@@ -60,8 +60,7 @@ OUT = Path("benchmarks/results/memit_diag")
 
 def states(model: Any, chunks: list, z_layer: int) -> torch.Tensor:
     """Residual leaving ``z_layer`` at the last subject token of every row of every chunk."""
-    hook = access.resid_post_hook_name(z_layer)
-    return torch.cat([subject_rows(model, c, [hook], z_layer + 1)[hook].cpu() for c in chunks])
+    return measure_rows(model, chunks, z_layer, z_layer)[1]
 
 
 def reach(z_rows: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
@@ -77,12 +76,6 @@ def reach(z_rows: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
             "reach_mean_prompts_q10_50_90": mean_reach.quantile(q).tolist(),
             "reach_bare_prompt": float(bare.mean()),
             "reach_bare_prompt_q10_50_90": bare.quantile(q).tolist()}
-
-
-def partial(model: Any, sites: list) -> Edit:
-    """The sites so far as one edit value (to apply while measuring)."""
-    return Edit(sites=tuple(sites), requests=(), method="partial", hparams={},
-                base_fingerprint=base_fingerprint(model))
 
 
 @contextmanager
@@ -112,9 +105,8 @@ def main() -> int:
         layers = list(hp.layers)
         chunks = request_chunks(model, requests, hp)
         targets = optimise_targets(model, chunks, hp, layers[-1], cache=True)
-        index = torch.cat([c.row_request + sum(len(p.requests) for p in chunks[:i])
-                           for i, c in enumerate(chunks)])
-        first = torch.tensor([int((index == r).nonzero()[0]) for r in range(len(requests))])
+        index = chunk_index(chunks)
+        first = first_rows(index)
         mom2 = {layer: second_moment(model, layer, None, hp) for layer in layers}
         solver = memit_solver(mom2, hp.mom2_update_weight, hp.mom2_ridge)
         before = states(model, chunks, layers[-1])
@@ -122,8 +114,9 @@ def main() -> int:
         for p in range(1, args.passes + 1):
             t0 = time.perf_counter()
             with applied(model, passes):
-                result = spread(model, chunks, layers, targets.z_rows, solver, True, hp.fit_rows)
-                passes.append(partial(model, result.sites))
+                result = spread(model, chunks, layers, targets.z_rows, solver, True, hp.fit_rows,
+                                hp.bare_row_weight)
+                passes.append(partial_edit(model, result.sites))
             seconds = time.perf_counter() - t0
             with applied(model, passes):
                 after = states(model, chunks, layers[-1])

@@ -11,6 +11,7 @@ Example (``load_model()`` is skipped in the doctests, which run on a tiny random
     3
 """
 
+from rome_lens._cache import cache_dir
 from rome_lens.audit import (
     EditHealth,
     HealthMonitor,
@@ -93,6 +94,7 @@ __all__ = [
     "available_methods",
     "base_fingerprint",
     "base_weights",
+    "cache_dir",
     "causal_trace",
     "compute_edit",
     "compute_rome",

@@ -28,6 +28,11 @@ def cache_dir(sub: str | None = None) -> Path:
 
     Returns:
         ``$ROME_LENS_CACHE`` (or ``~/.cache/rome_lens``), joined with ``sub``.
+
+    Example:
+        >>> import rome_lens
+        >>> rome_lens.cache_dir("targets").name
+        'targets'
     """
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rome_lens")
     path = root / sub if sub else root

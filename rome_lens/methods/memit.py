@@ -62,6 +62,10 @@ class MemitHyperParams(RomeHyperParams):
         z_batch: requests optimised together in one batch of prompts.
         z_precision: as ROME's, but ``"bfloat16"`` by default (1.7x faster on a CPU with
             AVX-512 BF16, same losses to ~1%; measured in README).
+        fit_rows: every prompt's key is a constraint of the solve (default: each request's
+            mean key, as MEMIT).
+        bare_row_weight: with ``fit_rows``, how many times each request's bare edit prompt
+            counts in the solve (1: as every context row).
 
     The defaults differ from ROME's in two places, both for speed at thousands of facts:
     5 + 5 context prefixes instead of 10 + 10, and bfloat16 targets.
@@ -72,6 +76,7 @@ class MemitHyperParams(RomeHyperParams):
     z_batch: int = 16
     z_precision: str = "bfloat16"
     fit_rows: bool = False
+    bare_row_weight: float = 1.0
     n_contexts_short: int = 5
     n_contexts_long: int = 5
 
@@ -83,6 +88,9 @@ class MemitHyperParams(RomeHyperParams):
                 raise InvalidRequestError(f"layers must be ascending and distinct: {self.layers}")
         if self.mom2_update_weight < 0 or self.z_batch < 1:
             raise InvalidRequestError("mom2_update_weight must be >= 0 and z_batch >= 1")
+        if not self.bare_row_weight > 0:
+            raise InvalidRequestError(
+                f"bare_row_weight must be > 0, got {self.bare_row_weight}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemitHyperParams:
@@ -179,7 +187,8 @@ def run_many(
     targets = optimise_targets(model, chunks, hp, hp.layers[-1], loop, cache_targets, progress)
     t1 = time.perf_counter()
     assert targets.z_rows is not None
-    result = spread(model, chunks, hp.layers, targets.z_rows, solver, progress, hp.fit_rows)
+    result = spread(model, chunks, hp.layers, targets.z_rows, solver, progress, hp.fit_rows,
+                    hp.bare_row_weight)
     t2 = time.perf_counter()
     info |= {"timings": {"targets_s": t1 - t0, "spread_s": t2 - t1},
              "final_losses": targets.final_losses, "cached_targets": targets.cached,

@@ -32,8 +32,15 @@ from tqdm.auto import tqdm
 from rome_lens._typing import Model
 from rome_lens.edits import DenseSite, Edit, LowRankSite, Site, base_fingerprint
 from rome_lens.errors import NonFiniteError
-from rome_lens.methods.targets import RequestChunk, request_means, subject_rows
+from rome_lens.methods.targets import (
+    RequestChunk,
+    chunk_index,
+    first_rows,
+    request_means,
+    subject_rows,
+)
 from rome_lens.models import access
+from rome_lens.threads import fit_threads
 
 logger = logging.getLogger(__name__)
 
@@ -107,28 +114,50 @@ def make_site(
                        right.to(dtype).clone(memory_format=fresh))
 
 
-def _partial(model: Model, sites: list[Site]) -> Edit:
+def partial_edit(model: Model, sites: Sequence[Site]) -> Edit:
+    """``sites`` as one edit value without requests (to apply while measuring, then revert).
+
+    Example:
+        >>> site = DenseSite(1, torch.zeros(model.cfg.d_mlp, model.cfg.d_model))
+        >>> partial_edit(model, [site]).method
+        'partial'
+    """
     return Edit(sites=tuple(sites), requests=(), method="partial",
                 hparams={}, base_fingerprint=base_fingerprint(model))
 
 
-def _measure(
+def measure_rows(
     model: Model, chunks: Sequence[RequestChunk], layer: int, z_layer: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Float[torch.Tensor, "rows d_mlp"], Float[torch.Tensor, "rows d_model"],
+           Int[torch.Tensor, " rows"]]:
     """Keys at ``layer`` and residuals leaving ``z_layer`` of every row, and the row index.
+
+    All at each row's last subject token, on the model as it is now.
 
     Returns:
         ``(key rows, residual rows, row -> request index)`` over all chunks.
     """
     key_hook, out_hook = access.key_hook_name(layer), access.resid_post_hook_name(z_layer)
-    keys, outs, index, offset = [], [], [], 0
+    keys, outs = [], []
     for chunk in chunks:
         picked = subject_rows(model, chunk, [key_hook, out_hook], z_layer + 1)
         keys.append(picked[key_hook].cpu())
         outs.append(picked[out_hook].cpu())
-        index.append(chunk.row_request + offset)
-        offset += len(chunk.requests)
-    return torch.cat(keys), torch.cat(outs), torch.cat(index)
+    return torch.cat(keys), torch.cat(outs), chunk_index(chunks)
+
+
+def row_weights(index: Int[torch.Tensor, " rows"], bare_weight: float) -> torch.Tensor:
+    """Square-root weights of the rows of a ``fit_rows`` solve.
+
+    Each request's bare prompt counts ``bare_weight`` times, its context rows once.
+
+    Example:
+        >>> row_weights(torch.tensor([0, 0, 1, 1]), 4.0)
+        tensor([2., 1., 2., 1.])
+    """
+    weights = torch.ones(len(index))
+    weights[first_rows(index)] = bare_weight**0.5
+    return weights
 
 
 def spread(
@@ -139,13 +168,15 @@ def spread(
     solver: Solver,
     progress: bool = True,
     fit_rows: bool = False,
+    bare_weight: float = 1.0,
 ) -> Spread:
     """Update each layer of ``layers`` (ascending) towards the row targets of the last one.
 
     The model is not modified: the lower layers' updates are applied only while the keys and
     residuals of the next layer are measured (exactly reverted by the edit registry).
     ``fit_rows``: every prompt's key is a constraint of the solve (default: each request's
-    mean key, as MEMIT).
+    mean key, as MEMIT); ``bare_weight``: with ``fit_rows``, each request's bare edit prompt
+    counts that many times in the solve (its key is what the edit prompt itself reads).
 
     Raises:
         NonFiniteError: a key, residual or update is NaN or infinite.
@@ -153,9 +184,10 @@ def spread(
     out = Spread()
     z_layer, dtype = layers[-1], access.mlp_out_weight(model, layers[0]).dtype
     for i, layer in enumerate(tqdm(layers, desc="layer updates", disable=not progress)):
-        below = _partial(model, out.sites).applied(model) if out.sites else nullcontext()
+        fit_threads()  # per layer: each solve and fit runs for minutes at thousands of facts
+        below = partial_edit(model, out.sites).applied(model) if out.sites else nullcontext()
         with below:
-            key_rows, now, index = _measure(model, chunks, layer, z_layer)
+            key_rows, now, index = measure_rows(model, chunks, layer, z_layer)
         n = int(index.max()) + 1
         keys = request_means(key_rows, index, n)
         wanted = (z_rows.to(now.device) - now) / (len(layers) - i)
@@ -165,7 +197,8 @@ def spread(
         if not (torch.isfinite(key_rows).all() and torch.isfinite(change).all()):
             raise NonFiniteError(f"keys or residuals at layer {layer} are not finite")
         if fit_rows:  # every prompt's key is a constraint, with its request's change
-            left, right = solver(layer, key_rows, change[index])
+            w = row_weights(index, bare_weight)[:, None]
+            left, right = solver(layer, key_rows * w, change[index] * w)
         else:
             left, right = solver(layer, keys, change)
         out.sites.append(make_site(layer, left, right, dtype))

@@ -48,6 +48,7 @@ from rome_lens.rome import (
 )
 from rome_lens.rome.forwards import ValueLoop, effective_loop, make_forward
 from rome_lens.statistics import context_templates
+from rome_lens.threads import fit_threads
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,32 @@ def subject_rows(
     rows = torch.arange(chunk.key_tokens.shape[0])
     return {hook: states[hook][rows, chunk.key_last.to(states[hook].device)].float()
             for hook in hooks}
+
+
+def chunk_index(chunks: Sequence[RequestChunk]) -> Int[torch.Tensor, " rows"]:
+    """Index of every row's request over all ``chunks`` (rows in chunk order).
+
+    Example:
+        >>> hp = rome_lens.MemitHyperParams(n_contexts_short=1, n_contexts_long=1)
+        >>> chunk_index(request_chunks(model, [request], hp))   # bare + 2 context rows
+        tensor([0, 0, 0])
+    """
+    index, offset = [], 0
+    for chunk in chunks:
+        index.append(chunk.row_request + offset)
+        offset += len(chunk.requests)
+    return torch.cat(index)
+
+
+def first_rows(index: Int[torch.Tensor, " rows"]) -> Int[torch.Tensor, " n"]:
+    """The first row of every request (its bare edit prompt: the ``"{}"`` template comes first).
+
+    Example:
+        >>> first_rows(torch.tensor([0, 0, 1, 1, 1]))
+        tensor([0, 2])
+    """
+    n = int(index.max()) + 1
+    return torch.stack([(index == r).nonzero()[0, 0] for r in range(n)])
 
 
 def request_means(
@@ -214,6 +241,7 @@ def optimise_targets(
             seconds += sum(float(d["seconds"]) for d in loaded if "seconds" in d)
             n_cached += len(paths)
         else:
+            fit_threads()  # per chunk: a busy spell at the start must not last the whole run
             t0 = time.perf_counter()
             delta, final = _optimise_chunk(model, chunk, hparams, z_layer, loop)
             share = (time.perf_counter() - t0) / len(chunk.requests)
@@ -227,7 +255,5 @@ def optimise_targets(
         deltas.append(delta.cpu())
         finals.extend(final)
     z_rows = torch.cat(zs)
-    index = torch.cat([c.row_request + sum(len(p.requests) for p in chunks[:i])
-                       for i, c in enumerate(chunks)])
-    z = request_means(z_rows, index, len(finals))
+    z = request_means(z_rows, chunk_index(chunks), len(finals))
     return Targets(z, torch.cat(deltas), finals, n_cached, seconds, z_rows)

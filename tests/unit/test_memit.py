@@ -284,3 +284,48 @@ def test_an_alphaedit_sequence_session_reverts_exactly() -> None:
     assert seq.edits[2].info["earlier_edits"] == 2
     seq.revert()
     assert _same(model, before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bare_row_weight_solves_the_weighted_normal_equations(kind: str) -> None:
+    """With ``fit_rows`` every prompt is a row of the solve; weighting each request's bare
+    prompt w times solves the weighted least squares and fits the bare prompts closer."""
+    from rome_lens.methods.spread import measure_rows, row_weights
+    from rome_lens.methods.targets import first_rows, request_chunks
+
+    model, weight, misses = tiny_model(kind), 2.0, {}
+    with one_thread():
+        c = _stats(model, 1).double()
+        for w in (1.0, 10.0):
+            hp = replace(_memit(weight, (1,)), fit_rows=True, bare_row_weight=w)
+            edit = compute_edit(model, REQS[:3], method="memit", hparams=hp,
+                                corpus=STATS_CORPUS, progress=False)
+            keys, _, index = measure_rows(model, request_chunks(model, REQS[:3], hp), 1, 1)
+            site = edit.sites[0]
+            assert isinstance(site, rome_lens.LowRankSite) and site.rank == len(index)
+            sqrt_w = row_weights(index, w)[:, None].double()
+            k, r, delta = keys.double() * sqrt_w, site.right.double(), site.delta().double()
+            ridged = c + hp.mom2_ridge * c.diagonal().mean() * torch.eye(c.shape[0]).double()
+            gradient = k.T @ (k @ delta - r) + weight * ridged @ delta
+            assert gradient.norm() < 1e-4 * (k.T @ r).norm()
+            bare = first_rows(index)
+            miss = ((k @ delta - r) / sqrt_w)[bare].norm() / (r / sqrt_w)[bare].norm()
+            misses[w] = float(miss)
+    assert misses[10.0] < 0.9 * misses[1.0], misses
+    with pytest.raises(InvalidRequestError, match="bare_row_weight"):
+        MemitHyperParams(bare_row_weight=0.0)
+
+
+def test_threads_are_fitted_per_chunk_and_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy spell when an edit starts must not set the thread count of a long run."""
+    from rome_lens.methods import spread, targets
+
+    calls: list[str] = []
+    monkeypatch.setattr(targets, "fit_threads", lambda: calls.append("chunk") or 1)
+    monkeypatch.setattr(spread, "fit_threads", lambda: calls.append("layer") or 1)
+    model = tiny_model(PLAIN)
+    with one_thread():
+        compute_edit(model, REQS, method="memit", hparams=_memit(), corpus=STATS_CORPUS,
+                     cache_targets=False, progress=False)
+    assert calls.count("chunk") == 3  # 5 requests, z_batch 2
+    assert calls.count("layer") == 2  # layers (1, 2)
