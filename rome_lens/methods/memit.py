@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -65,7 +66,8 @@ class MemitHyperParams(RomeHyperParams):
         fit_rows: every prompt's key is a constraint of the solve (default: each request's
             mean key, as MEMIT).
         bare_row_weight: with ``fit_rows``, how many times each request's bare edit prompt
-            counts in the solve (1: as every context row).
+            counts in the solve and in the fit of its change (1: as every context row;
+            ignored without ``fit_rows``).
 
     The defaults differ from ROME's in two places, both for speed at thousands of facts:
     5 + 5 context prefixes instead of 10 + 10, and bfloat16 targets.
@@ -88,7 +90,7 @@ class MemitHyperParams(RomeHyperParams):
                 raise InvalidRequestError(f"layers must be ascending and distinct: {self.layers}")
         if self.mom2_update_weight < 0 or self.z_batch < 1:
             raise InvalidRequestError("mom2_update_weight must be >= 0 and z_batch >= 1")
-        if not self.bare_row_weight > 0:
+        if not (math.isfinite(self.bare_row_weight) and self.bare_row_weight > 0):
             raise InvalidRequestError(
                 f"bare_row_weight must be > 0, got {self.bare_row_weight}")
 

@@ -67,6 +67,7 @@ def raw_change(
     model: Model, layer: int, values: Float[torch.Tensor, "rows d_model"],
     wanted: Float[torch.Tensor, "rows d_model"], row_request: Int[torch.Tensor, " rows"],
     steps: int = 500, penalty: float = PENALTY,
+    weights: Float[torch.Tensor, " rows"] | None = None,
 ) -> Float[torch.Tensor, "n d_model"]:
     """The change of each request's raw MLP output that adds ``wanted`` to its residuals.
 
@@ -77,13 +78,17 @@ def raw_change(
     zero, ``f(value_r + dm) ~ f(value_r) + wanted_r``, with a small penalty
     ``penalty * ||dm||^2 / mean ||value||^2`` (an RMSNorm is scale-invariant). The fit is
     badly conditioned: 500 iterations bring the single-layer case to the optimised change
-    (cosine 0.99 on gemma-3-270m; 100 iterations: 0.8).
+    (cosine 0.99 on gemma-3-270m; 100 iterations: 0.8). ``weights``: how much each row counts
+    in its request's fit (default: all alike).
     """
     index = row_request.to(values.device)
     n = int(index.max()) + 1
     post = access.post_mlp(model, layer)
+    w = None if weights is None else weights.to(values.device).float()[:, None]
     if post is None:
-        return request_means(wanted.float(), index, n)
+        if w is None:
+            return request_means(wanted.float(), index, n)
+        return request_means(wanted.float() * w, index, n) / request_means(w, index, n)
     values = values.detach().float()
     target = (post(values).detach().float() + wanted.to(values.device).float())
     scale = float(values.pow(2).sum(-1).mean())
@@ -93,7 +98,11 @@ def raw_change(
                                 tolerance_grad=1e-12, tolerance_change=1e-14)
 
         def closure() -> torch.Tensor:
-            loss = ((post(values + dm[index]) - target) ** 2).sum() / len(index) * n
+            miss = (post(values + dm[index]) - target) ** 2
+            if w is None:
+                loss = miss.sum() / len(index) * n
+            else:
+                loss = (miss * w).sum() / w.sum() * n
             loss = loss + penalty * (dm**2).sum() / scale
             (dm.grad,) = torch.autograd.grad(loss, [dm])
             return loss.detach()
@@ -176,7 +185,8 @@ def spread(
     residuals of the next layer are measured (exactly reverted by the edit registry).
     ``fit_rows``: every prompt's key is a constraint of the solve (default: each request's
     mean key, as MEMIT); ``bare_weight``: with ``fit_rows``, each request's bare edit prompt
-    counts that many times in the solve (its key is what the edit prompt itself reads).
+    counts that many times in the solve and in the fit of its raw change (its key is what the
+    edit prompt itself reads).
 
     Raises:
         NonFiniteError: a key, residual or update is NaN or infinite.
@@ -193,11 +203,14 @@ def spread(
         wanted = (z_rows.to(now.device) - now) / (len(layers) - i)
         with torch.no_grad():
             values = access.mlp_value(model, layer, key_rows.to(model.cfg.device))
-        change = raw_change(model, layer, values, wanted.to(values.device), index).cpu()
+        weights = row_weights(index, bare_weight) if fit_rows else None
+        change = raw_change(model, layer, values, wanted.to(values.device), index,
+                            weights=None if weights is None else weights**2).cpu()
         if not (torch.isfinite(key_rows).all() and torch.isfinite(change).all()):
             raise NonFiniteError(f"keys or residuals at layer {layer} are not finite")
         if fit_rows:  # every prompt's key is a constraint, with its request's change
-            w = row_weights(index, bare_weight)[:, None]
+            assert weights is not None
+            w = weights[:, None]
             left, right = solver(layer, key_rows * w, change[index] * w)
         else:
             left, right = solver(layer, keys, change)

@@ -148,8 +148,8 @@ def first_rows(index: Int[torch.Tensor, " rows"]) -> Int[torch.Tensor, " n"]:
         >>> first_rows(torch.tensor([0, 0, 1, 1, 1]))
         tensor([0, 2])
     """
-    n = int(index.max()) + 1
-    return torch.stack([(index == r).nonzero()[0, 0] for r in range(n)])
+    n, rows = int(index.max()) + 1, torch.arange(len(index))
+    return torch.full((n,), len(index)).scatter_reduce_(0, index.cpu(), rows, "amin")
 
 
 def request_means(

@@ -301,19 +301,23 @@ def test_bare_row_weight_solves_the_weighted_normal_equations(kind: str) -> None
             edit = compute_edit(model, REQS[:3], method="memit", hparams=hp,
                                 corpus=STATS_CORPUS, progress=False)
             keys, _, index = measure_rows(model, request_chunks(model, REQS[:3], hp), 1, 1)
+            bare = first_rows(index)  # 1 bare + 2 short + 1 long context rows per request
+            assert bare.tolist() == [0, 4, 8] and index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
             site = edit.sites[0]
             assert isinstance(site, rome_lens.LowRankSite) and site.rank == len(index)
             sqrt_w = row_weights(index, w)[:, None].double()
             k, r, delta = keys.double() * sqrt_w, site.right.double(), site.delta().double()
+            change = r / sqrt_w  # every row carries its request's change, scaled by sqrt(w)
+            assert torch.allclose(change, change[bare][index], atol=1e-6)
             ridged = c + hp.mom2_ridge * c.diagonal().mean() * torch.eye(c.shape[0]).double()
             gradient = k.T @ (k @ delta - r) + weight * ridged @ delta
             assert gradient.norm() < 1e-4 * (k.T @ r).norm()
-            bare = first_rows(index)
-            miss = ((k @ delta - r) / sqrt_w)[bare].norm() / (r / sqrt_w)[bare].norm()
+            miss = (keys.double() @ delta - change)[bare].norm() / change[bare].norm()
             misses[w] = float(miss)
     assert misses[10.0] < 0.9 * misses[1.0], misses
-    with pytest.raises(InvalidRequestError, match="bare_row_weight"):
-        MemitHyperParams(bare_row_weight=0.0)
+    for bad in (0.0, float("inf")):
+        with pytest.raises(InvalidRequestError, match="bare_row_weight"):
+            MemitHyperParams(bare_row_weight=bad)
 
 
 def test_threads_are_fitted_per_chunk_and_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
