@@ -5,9 +5,9 @@ parallel operation. When another process holds one of the cores, the thread that
 core runs only part of the time and the others wait for it: on 2 cores a busy second process
 slowed a short ROME edit 2.8-3.0x (``benchmarks/contention.py``), more than the 2x that losing one
 core of two costs. :func:`fit_threads`, called at the start of every edit, causal trace and
-sampling run (and per target chunk and per layer of a many-fact edit), measures how many cores other processes keep busy (0.1 s of ``/proc/stat``) and
-runs torch with the rest (at least one, at most the count torch had when rome_lens first
-looked, or the count the user set since).
+sampling run (and per target chunk and per layer of a many-fact edit), measures how many cores
+other processes keep busy (0.1 s of ``/proc/stat``) and runs torch with the rest (at least
+one, at most the count torch had when rome_lens first looked, or the count the user set since).
 
 The environment variable ``ROME_LENS_THREADS`` chooses the policy: ``auto`` (default), a number
 (always that many threads), or ``torch`` (never touch torch's setting). Results are identical
