@@ -84,10 +84,9 @@ def raw_change(
     index = row_request.to(values.device)
     n = int(index.max()) + 1
     post = access.post_mlp(model, layer)
-    w = None if weights is None else weights.to(values.device).float()[:, None]
+    w = torch.ones(len(index)) if weights is None else weights.float()
+    w = w.to(values.device)[:, None]
     if post is None:
-        if w is None:
-            return request_means(wanted.float(), index, n)
         return request_means(wanted.float() * w, index, n) / request_means(w, index, n)
     values = values.detach().float()
     target = (post(values).detach().float() + wanted.to(values.device).float())
@@ -98,11 +97,7 @@ def raw_change(
                                 tolerance_grad=1e-12, tolerance_change=1e-14)
 
         def closure() -> torch.Tensor:
-            miss = (post(values + dm[index]) - target) ** 2
-            if w is None:
-                loss = miss.sum() / len(index) * n
-            else:
-                loss = (miss * w).sum() / w.sum() * n
+            loss = ((post(values + dm[index]) - target) ** 2 * w).sum() / w.sum() * n
             loss = loss + penalty * (dm**2).sum() / scale
             (dm.grad,) = torch.autograd.grad(loss, [dm])
             return loss.detach()
@@ -156,16 +151,16 @@ def measure_rows(
 
 
 def row_weights(index: Int[torch.Tensor, " rows"], bare_weight: float) -> torch.Tensor:
-    """Square-root weights of the rows of a ``fit_rows`` solve.
+    """Weights of the rows of a ``fit_rows`` solve.
 
     Each request's bare prompt counts ``bare_weight`` times, its context rows once.
 
     Example:
         >>> row_weights(torch.tensor([0, 0, 1, 1]), 4.0)
-        tensor([2., 1., 2., 1.])
+        tensor([4., 1., 4., 1.])
     """
     weights = torch.ones(len(index))
-    weights[first_rows(index)] = bare_weight**0.5
+    weights[first_rows(index)] = bare_weight
     return weights
 
 
@@ -205,13 +200,13 @@ def spread(
             values = access.mlp_value(model, layer, key_rows.to(model.cfg.device))
         weights = row_weights(index, bare_weight) if fit_rows else None
         change = raw_change(model, layer, values, wanted.to(values.device), index,
-                            weights=None if weights is None else weights**2).cpu()
+                            weights=weights).cpu()
         if not (torch.isfinite(key_rows).all() and torch.isfinite(change).all()):
             raise NonFiniteError(f"keys or residuals at layer {layer} are not finite")
         if fit_rows:  # every prompt's key is a constraint, with its request's change
             assert weights is not None
-            w = weights[:, None]
-            left, right = solver(layer, key_rows * w, change[index] * w)
+            sqrt_w = weights.sqrt()[:, None]  # least squares weighted by w: rows times sqrt(w)
+            left, right = solver(layer, key_rows * sqrt_w, change[index] * sqrt_w)
         else:
             left, right = solver(layer, keys, change)
         out.sites.append(make_site(layer, left, right, dtype))

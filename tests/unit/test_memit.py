@@ -305,7 +305,7 @@ def test_bare_row_weight_solves_the_weighted_normal_equations(kind: str) -> None
             assert bare.tolist() == [0, 4, 8] and index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
             site = edit.sites[0]
             assert isinstance(site, rome_lens.LowRankSite) and site.rank == len(index)
-            sqrt_w = row_weights(index, w)[:, None].double()
+            sqrt_w = row_weights(index, w)[:, None].double().sqrt()
             k, r, delta = keys.double() * sqrt_w, site.right.double(), site.delta().double()
             change = r / sqrt_w  # every row carries its request's change, scaled by sqrt(w)
             assert torch.allclose(change, change[bare][index], atol=1e-6)
