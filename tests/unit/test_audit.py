@@ -27,6 +27,7 @@ from rome_lens.audit import (
 )
 from rome_lens.errors import EditStateError, InvalidRequestError
 from rome_lens.models import access
+from rome_lens.rome.values import finished
 
 PROMPT = "Bob Jones lives in"
 SUBJECT = "Bob Jones"
@@ -294,9 +295,12 @@ def test_erasure_objectives_lower_the_original(
         return float(-(logp.exp() * logp).sum())
 
     before_p, before_h = p_true(), entropy()
-    # p(original) is tiny on a random model: the loss starts below the early-stop level and
-    # its gradient is below the weight decay's
-    hp = dataclasses.replace(hparams, early_stop_loss=0.0, v_weight_decay=0.0,
+    # p(original) is tiny on a random model: its gradient is below the weight decay's, and
+    # max-entropy's loss starts below the early-stop level; erasure's stop is relative to its
+    # start (values.finished), so it keeps the default level and still runs
+    stop = hparams.early_stop_loss if objective == "erasure" else 0.0
+    assert objective != "erasure" or before_p < stop  # an absolute stop would end at step 0
+    hp = dataclasses.replace(hparams, early_stop_loss=stop, v_weight_decay=0.0,
                              v_num_grad_steps=20)
     edit = rome_lens.compute_rome(model, request, layer=1, hparams=hp, stats=stats,
                                   objective=objective)
@@ -306,12 +310,21 @@ def test_erasure_objectives_lower_the_original(
     losses = edit.info["losses"]
     assert losses[-1] < losses[0]
     if objective == "erasure":
-        assert after_p < before_p
+        assert after_p < before_p and len(losses) > 1
     else:
         assert after_h > before_h + 0.01
     with pytest.raises(InvalidRequestError, match="target_true"):
         rome_lens.compute_rome(model, EditRequest("She met {}", "Alice Smith", "Paris"),
                                layer=1, hparams=hparams, stats=stats, objective=objective)
+
+
+def test_erasure_stops_relative_to_its_start() -> None:
+    # terms [0.04, 0.001] of [0.04, 0.04] at the start: the second fell 40-fold, stops
+    done = finished([0.05, 0.01], [0.04, 0.001], [0.04, 0.04], "erasure", 0.05)
+    assert done.tolist() == [False, True]
+    assert finished([0.04, 0.06], [0.04, 0.06], [1.0, 1.0], "insertion", 0.05).tolist() == [
+        True, False]
+    assert finished([0.0], [0.0], [0.0], "erasure", 0.05).tolist() == [True]  # nothing to erase
 
 
 def test_unknown_objective(model: HookedTransformer, hparams) -> None:
