@@ -38,7 +38,7 @@ class RomeHyperParams:
         kl_factor: weight of the KL term that keeps "{subject} is a" unchanged.
         v_weight_decay: weight of ``||delta|| / ||v_orig||^2``.
         early_stop_loss: stop when the total loss falls below this (the erasure objective:
-            when its erasure term falls below this fraction of its start).
+            and its erasure term is below this fraction of its start).
         n_contexts_short: context prefixes of ``context_len_short`` tokens.
         context_len_short: tokens in a short context prefix.
         n_contexts_long: context prefixes of ``context_len_long`` tokens.

@@ -9,7 +9,7 @@ not depend on the others. Objectives (Hase et al. 2023; Patil et al. 2023):
 
 * ``"insertion"`` (error injection): NLL of the new object;
 * ``"erasure"`` (Fact Erasure): ``-log(1 - p(original))``, zero once the original is gone; it
-  stops early once this term is 5% (``early_stop_loss``) of its start (:func:`finished`);
+  stops early only once this term is also 5% (``early_stop_loss``) of its start (:func:`finished`);
 * ``"max_entropy"`` (Patil et al.'s defence): raise the logit-lens entropy at the last prompt
   token over ``entropy_layers`` on the bare prompt and its first five context variants.
 
@@ -226,12 +226,12 @@ def finished(
 ) -> torch.Tensor:
     """Which requests stop early: a boolean per request.
 
-    Insertion and max-entropy stop once the request's total loss is below ``level``. Erasure
-    stops once its erasure term is below ``level`` times the term's step-0 value: since
-    ``-log(1 - p) ~ p`` for small ``p``, p(original) has fallen to about ``level`` (5%) of
-    where it started. An absolute level would stop erasure at step 0 wherever p(original)
-    starts below ~``level``, as it does for many facts a small model knows (gemma-3-270m: a
-    third of the known facts of benchmarks/ripple.py).
+    Every request stops once its total loss is below ``level``; erasure also needs its
+    erasure term below ``level`` times the term's step-0 value: since ``-log(1 - p) ~ p`` for
+    small ``p``, p(original) has fallen to about ``level`` (5%) of where it started. The
+    absolute level alone would stop erasure at step 0 wherever p(original) starts below
+    ~``level``, as it does for many facts a small model knows (gemma-3-270m: a third of the
+    known facts of benchmarks/ripple.py).
 
     Example:
         >>> finished([0.04], [0.04], [0.04], "erasure", 0.05).tolist()    # nothing erased yet
@@ -239,9 +239,10 @@ def finished(
         >>> finished([0.04], [0.04], [0.04], "insertion", 0.05).tolist()
         [True]
     """
+    done = torch.tensor([v < level for v in totals])
     if objective == "erasure":
-        return torch.tensor([t <= level * f for t, f in zip(terms, first_terms, strict=True)])
-    return torch.tensor([v < level for v in totals])
+        done &= torch.tensor([t <= level * f for t, f in zip(terms, first_terms, strict=True)])
+    return done
 
 
 def value_precision(model: Model, hparams: RomeHyperParams) -> torch.autocast:

@@ -319,9 +319,10 @@ def test_erasure_objectives_lower_the_original(
 
 
 def test_erasure_stops_relative_to_its_start() -> None:
-    # terms [0.04, 0.001] of [0.04, 0.04] at the start: the second fell 40-fold, stops
-    done = finished([0.05, 0.01], [0.04, 0.001], [0.04, 0.04], "erasure", 0.05)
-    assert done.tolist() == [False, True]
+    # terms [0.04, 0.001, 0.01] of [0.04, 0.04, 1.0] at the start: the second fell 40-fold
+    # and stops; the third fell 100-fold but its total (with KL and decay) is still too high
+    done = finished([0.045, 0.01, 0.06], [0.04, 0.001, 0.01], [0.04, 0.04, 1.0], "erasure", 0.05)
+    assert done.tolist() == [False, True, False]
     assert finished([0.04, 0.06], [0.04, 0.06], [1.0, 1.0], "insertion", 0.05).tolist() == [
         True, False]
     assert finished([0.0], [0.0], [0.0], "erasure", 0.05).tolist() == [True]  # nothing to erase
