@@ -394,7 +394,17 @@ def accuracy_table(rows: list[dict[str, Any]], cases: dict[int, list[Any]]) -> d
         "seconds_per_edit": _mean([r["edit_s"] for r in ok]),
         "probe_seconds": _mean([p["seconds"] for p in probes if "seconds" in p]),
         "verdicts": dict(Counter(p.get("verdict", "error") for p in probes)),
+        "erasure_score": erasure_score(probes),
     }
+
+
+def erasure_score(probes: list[dict[str, Any]]) -> float | None:
+    """Hase et al.'s erasure score, ``max(0, (pre - post) / pre)`` of p(original) on the edit
+    prompt, in % (the measure of ROME-erasure, whose edit-wise score says nothing: it does not
+    push the new object up)."""
+    outs = [p["output"] for p in probes if p.get("output", {}).get("pre_old")]
+    scores = [max(0.0, (o["pre_old"] - o["post_old"]) / o["pre_old"]) for o in outs]
+    return _pct(scores) if scores else None
 
 
 def _acc(a: ev.Accuracy) -> dict[str, Any]:
@@ -504,13 +514,13 @@ def print_report(tables: dict[str, Any], verdict: dict[str, Any]) -> None:
     short = ["compositionality_i", "subject_aliasing", "relation_specificity", "preservation",
              "forgetfulness", "all"]
     print(f"{'method':13s} {'edits':>5s} {'edit':>6s} "
-          + " ".join(f"{c[:11]:>11s}" for c in short) + f" {'s/edit':>6s}")
+          + " ".join(f"{c[:11]:>11s}" for c in short) + f" {'s/edit':>6s} {'erased':>6s}")
     for name, tab in tables.items():
         cells = [tab["criteria"].get(c) for c in short]
         text = " ".join(f"{c['accuracy']:5.1f}(n{c['n']:<4d})" if c else f"{'-':>11s}"
                         for c in cells)
         print(f"{name:13s} {tab['n_edits']:5d} {tab['edit_wise']['accuracy']:6.1f} {text} "
-              f"{tab['seconds_per_edit'] or 0:6.1f}")
+              f"{tab['seconds_per_edit'] or 0:6.1f} {tab.get('erasure_score') or 0:6.1f}")
     print("published: RippleEdits avg (RECENT/RANDOM/POPULAR) GPT-2 XL ROME 57.5/45.5/48.7, "
           "MEMIT 58.0/49.1/49.6; MQuAKE GPT-J edit-wise / multi-hop ROME 88.3/7.4, "
           "MEMIT 96.2/7.0")
