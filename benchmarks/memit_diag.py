@@ -105,6 +105,7 @@ def main() -> int:
         layers = list(hp.layers)
         chunks = request_chunks(model, requests, hp)
         targets = optimise_targets(model, chunks, hp, layers[-1], cache=True)
+        assert targets.z_rows is not None
         index = chunk_index(chunks)
         first = first_rows(index)
         mom2 = {layer: second_moment(model, layer, None, hp) for layer in layers}
@@ -115,7 +116,7 @@ def main() -> int:
             t0 = time.perf_counter()
             with applied(model, passes):
                 result = spread(model, chunks, layers, targets.z_rows, solver, True, hp.fit_rows,
-                                hp.bare_row_weight)
+                                hp.bare_row_weight, hp.other_positions_weight)
                 passes.append(partial_edit(model, result.sites))
             seconds = time.perf_counter() - t0
             with applied(model, passes):

@@ -77,15 +77,16 @@ def alphaedit_solver(
 ) -> Solver:
     """AlphaEdit's per-layer solve (float64), reading earlier edits from ``model``."""
 
-    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor
-    ]:
+    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor,
+              preserve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         p = projectors[layer].to("cpu", torch.float64)
         k = keys.to("cpu", torch.float64)
         gram = k.T @ k
         previous = earlier_keys(model, layer)
         if previous is not None:
             gram = gram + previous.T @ previous
+        if preserve is not None:
+            gram = gram + preserve.to("cpu", torch.float64)
         ridge = alpha * float(mom2[layer].diagonal().mean())
         eye = torch.eye(p.shape[0], dtype=p.dtype)
         left = torch.linalg.solve(p @ gram + ridge * eye, p @ k.T)

@@ -68,6 +68,11 @@ class MemitHyperParams(RomeHyperParams):
         bare_row_weight: with ``fit_rows``, how many times each request's bare edit prompt
             counts in the solve and in the fit of its change (1: as every context row;
             ignored without ``fit_rows``).
+        other_positions_weight: every key at a position AFTER the last subject token of the
+            requests' prompts (the relation tokens, the last prompt token, the target tokens)
+            is a "no change" constraint of each layer's solve with this weight (one edited key
+            counts 1; 0: off, as MEMIT). The update otherwise also writes at these positions:
+            at 1,000 facts on gemma-3-270m that costs ~14 ES points (README, "Batch editing").
 
     The defaults differ from ROME's in two places, both for speed at thousands of facts:
     5 + 5 context prefixes instead of 10 + 10, and bfloat16 targets.
@@ -79,6 +84,7 @@ class MemitHyperParams(RomeHyperParams):
     z_precision: str = "bfloat16"
     fit_rows: bool = False
     bare_row_weight: float = 1.0
+    other_positions_weight: float = 0.0
     n_contexts_short: int = 5
     n_contexts_long: int = 5
 
@@ -93,6 +99,9 @@ class MemitHyperParams(RomeHyperParams):
         if not (math.isfinite(self.bare_row_weight) and self.bare_row_weight > 0):
             raise InvalidRequestError(
                 f"bare_row_weight must be > 0, got {self.bare_row_weight}")
+        if not (math.isfinite(self.other_positions_weight) and self.other_positions_weight >= 0):
+            raise InvalidRequestError(
+                f"other_positions_weight must be >= 0, got {self.other_positions_weight}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemitHyperParams:
@@ -152,20 +161,25 @@ def check_subjects(requests: Sequence[EditRequest]) -> None:
 def memit_solver(
     mom2: dict[int, Float[torch.Tensor, "d_mlp d_mlp"]], weight: float, ridge: float = 0.0
 ) -> Solver:
-    """MEMIT's per-layer solve: ``left = (weight C' + K^T K)^-1 K^T``, ``right = R`` (float64).
+    """MEMIT's per-layer solve: ``left = (weight C' + K^T K + P)^-1 K^T``, ``right = R`` (float64).
+
+    ``P``: the solver's optional ``preserve`` Gram matrix of keys whose output must not change
+    (``other_positions_weight``).
 
     ``C' = C + ridge * mean(diag C) I``: as for ROME, a finite statistics corpus leaves C's
     small eigenvalues noisy, and the ridge keeps the solve from amplifying them.
     """
 
-    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor
-    ]:
+    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor,
+              preserve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = mom2[layer].to("cpu", torch.float64)
         if ridge > 0:
             c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
         k = keys.to("cpu", torch.float64)
-        left = torch.linalg.solve(weight * c + k.T @ k, k.T)
+        a = weight * c + k.T @ k
+        if preserve is not None:
+            a = a + preserve.to("cpu", torch.float64)
+        left = torch.linalg.solve(a, k.T)
         if not torch.isfinite(left).all():
             raise NonFiniteError(f"the MEMIT solve at layer {layer} is not finite")
         return left.float(), residuals.detach().to("cpu", torch.float32)
@@ -190,7 +204,7 @@ def run_many(
     t1 = time.perf_counter()
     assert targets.z_rows is not None
     result = spread(model, chunks, hp.layers, targets.z_rows, solver, progress, hp.fit_rows,
-                    hp.bare_row_weight)
+                    hp.bare_row_weight, hp.other_positions_weight)
     t2 = time.perf_counter()
     info |= {"timings": {"targets_s": t1 - t0, "spread_s": t2 - t1},
              "final_losses": targets.final_losses, "cached_targets": targets.cached,

@@ -46,9 +46,12 @@ logger = logging.getLogger(__name__)
 
 PENALTY = 1e-2  # weight of ||dm||^2 / mean ||value||^2 in :func:`raw_change`
 
-#: ``solver(layer, keys [n, d_mlp], R [n, d_model]) -> (left [d_mlp, r], right [r, d_out])``
+#: ``solver(layer, keys [n, d_mlp], R [n, d_model], preserve [d_mlp, d_mlp] | None)
+#: -> (left [d_mlp, r], right [r, d_out])``; ``preserve``: a Gram matrix of keys whose output
+#: must not change, added to the solve's normal equations
 Solver = Callable[
-    [int, Float[torch.Tensor, "n d_mlp"], Float[torch.Tensor, "n d_model"]],
+    [int, Float[torch.Tensor, "n d_mlp"], Float[torch.Tensor, "n d_model"],
+     Float[torch.Tensor, "d_mlp d_mlp"] | None],
     tuple[torch.Tensor, torch.Tensor],
 ]
 
@@ -150,6 +153,39 @@ def measure_rows(
     return torch.cat(keys), torch.cat(outs), chunk_index(chunks)
 
 
+def other_positions_gram(
+    model: Model, chunks: Sequence[RequestChunk], layer: int
+) -> tuple[Float[torch.Tensor, "d_mlp d_mlp"], int]:
+    """``K^T K`` (float64) and count of the keys after the subject at ``layer``.
+
+    The keys at every position after the last subject token of every value row (relation
+    tokens, last prompt token, target tokens): an update meant for the subject token should
+    write nothing there.
+
+    Example:
+        >>> from rome_lens.methods.targets import request_chunks
+        >>> hp = rome_lens.MemitHyperParams(n_contexts_short=1, n_contexts_long=1)
+        >>> gram, count = other_positions_gram(model, request_chunks(model, [request], hp), 1)
+        >>> gram.shape == (model.cfg.d_mlp, model.cfg.d_mlp) and count > 0
+        True
+    """
+    hook, gram, count = access.key_hook_name(layer), None, 0
+    for chunk in chunks:
+        batch = chunk.batch
+        tokens = batch.tokens[: batch.n_value]
+        with torch.no_grad():
+            _, states = access.run_with_states(model, tokens, [hook], stop_at_layer=layer + 1,
+                                               attention_mask=torch.ones_like(tokens))
+        pos = torch.arange(tokens.shape[1])[None]
+        after = (pos > batch.subject_last[: batch.n_value, None]) & (
+            pos < batch.lengths[: batch.n_value, None])
+        keys = states[hook][after.to(states[hook].device)].to("cpu", torch.float64)
+        gram = keys.T @ keys if gram is None else gram + keys.T @ keys
+        count += keys.shape[0]
+    assert gram is not None
+    return gram, count
+
+
 def row_weights(index: Int[torch.Tensor, " rows"], bare_weight: float) -> torch.Tensor:
     """Weights of the rows of a ``fit_rows`` solve.
 
@@ -173,6 +209,7 @@ def spread(
     progress: bool = True,
     fit_rows: bool = False,
     bare_weight: float = 1.0,
+    other_weight: float = 0.0,
 ) -> Spread:
     """Update each layer of ``layers`` (ascending) towards the row targets of the last one.
 
@@ -181,7 +218,8 @@ def spread(
     ``fit_rows``: every prompt's key is a constraint of the solve (default: each request's
     mean key, as MEMIT); ``bare_weight``: with ``fit_rows``, each request's bare edit prompt
     counts that many times in the solve and in the fit of its raw change (its key is what the
-    edit prompt itself reads).
+    edit prompt itself reads); ``other_weight``: > 0 adds the keys after the subject
+    (:func:`other_positions_gram`) to the solve as "no change" constraints of that weight.
 
     Raises:
         NonFiniteError: a key, residual or update is NaN or infinite.
@@ -191,8 +229,11 @@ def spread(
     for i, layer in enumerate(tqdm(layers, desc="layer updates", disable=not progress)):
         fit_threads()  # per layer: each solve and fit runs for minutes at thousands of facts
         below = partial_edit(model, out.sites).applied(model) if out.sites else nullcontext()
+        preserve = None
         with below:
             key_rows, now, index = measure_rows(model, chunks, layer, z_layer)
+            if other_weight > 0:
+                preserve = other_weight * other_positions_gram(model, chunks, layer)[0]
         n = int(index.max()) + 1
         keys = request_means(key_rows, index, n)
         wanted = (z_rows.to(now.device) - now) / (len(layers) - i)
@@ -206,9 +247,9 @@ def spread(
         if fit_rows:  # every prompt's key is a constraint, with its request's change
             assert weights is not None
             sqrt_w = weights.sqrt()[:, None]  # least squares weighted by w: rows times sqrt(w)
-            left, right = solver(layer, key_rows * sqrt_w, change[index] * sqrt_w)
+            left, right = solver(layer, key_rows * sqrt_w, change[index] * sqrt_w, preserve)
         else:
-            left, right = solver(layer, keys, change)
+            left, right = solver(layer, keys, change, preserve)
         out.sites.append(make_site(layer, left, right, dtype))
         out.keys[layer] = keys.detach().cpu()
         out.residual_norms.append(float(request_means(wanted, index, n).norm(dim=-1).mean()))

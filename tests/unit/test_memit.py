@@ -320,6 +320,44 @@ def test_bare_row_weight_solves_the_weighted_normal_equations(kind: str) -> None
             MemitHyperParams(bare_row_weight=bad)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_positions_are_preserved_in_the_solve(kind: str) -> None:
+    """other_positions_weight w adds w K_o^T K_o (the keys after the subject) to the normal
+    equations, so the update writes less at the relation, last and target tokens."""
+    from rome_lens.methods.spread import measure_rows, other_positions_gram
+    from rome_lens.methods.targets import request_chunks, request_means
+
+    model, weight, written = tiny_model(kind), 2.0, {}
+    with one_thread():
+        c = _stats(model, 1).double()
+        ridged = c + 1e-2 * c.diagonal().mean() * torch.eye(c.shape[0]).double()
+        for w in (0.0, 10.0):
+            hp = replace(_memit(weight, (1,)), other_positions_weight=w, mom2_ridge=1e-2)
+            edit = compute_edit(model, REQS[:3], method="memit", hparams=hp,
+                                corpus=STATS_CORPUS, progress=False)
+            chunks = request_chunks(model, REQS[:3], hp)
+            rows, _, index = measure_rows(model, chunks, 1, 1)
+            gram, count = other_positions_gram(model, chunks, 1)
+            assert count >= 3 * 4 * 2  # 4 rows per request, >= 2 tokens after the subject
+            k = request_means(rows, index, 3).double()
+            site = edit.sites[0]
+            assert isinstance(site, rome_lens.LowRankSite)
+            delta, r = site.delta().double(), site.right.double()
+            gradient = k.T @ (k @ delta - r) + weight * ridged @ delta + w * gram @ delta
+            assert gradient.norm() < 1e-4 * (k.T @ r).norm()
+            written[w] = float(torch.trace(delta.T @ gram @ delta) / count)
+        alpha = compute_edit(model, REQS[:3], method="alphaedit", progress=False,
+                             hparams=replace(_alpha((1,)), other_positions_weight=10.0),
+                             corpus=STATS_CORPUS).sites[0].delta().double()
+        plain = compute_edit(model, REQS[:3], method="alphaedit", hparams=_alpha((1,)),
+                             corpus=STATS_CORPUS, progress=False).sites[0].delta().double()
+    assert written[10.0] < 0.5 * written[0.0], written
+    assert torch.trace(alpha.T @ gram @ alpha) < torch.trace(plain.T @ gram @ plain)
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(InvalidRequestError, match="other_positions_weight"):
+            MemitHyperParams(other_positions_weight=bad)
+
+
 def test_threads_are_fitted_per_chunk_and_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """A busy spell when an edit starts must not set the thread count of a long run."""
     from rome_lens.methods import spread, targets
