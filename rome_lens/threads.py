@@ -6,8 +6,9 @@ core runs only part of the time and the others wait for it: on 2 cores a busy se
 slowed a short ROME edit 2.8-3.0x (``benchmarks/contention.py``), more than the 2x that losing one
 core of two costs. :func:`fit_threads`, called at the start of every edit, causal trace and
 sampling run (and per target chunk and per layer of a many-fact edit), measures how many cores
-other processes keep busy (0.1 s of ``/proc/stat``) and runs torch with the rest (at least
-one, at most the count torch had when rome_lens first looked, or the count the user set since).
+other processes keep busy (``/proc/stat``: since its last look when that was 0.1-30 s ago, as in
+a loop of edits, otherwise over the next 0.1 s) and runs torch with the rest (at least one, at
+most the count torch had when rome_lens first looked, or the count the user set since).
 
 The environment variable ``ROME_LENS_THREADS`` chooses the policy: ``auto`` (default), a number
 (always that many threads), or ``torch`` (never touch torch's setting). Results are identical
@@ -31,13 +32,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV = "ROME_LENS_THREADS"
-SAMPLE_S = 0.1  # how long the busy cores are measured
+SAMPLE_S = 0.1  # how long the busy cores are measured (at least)
+MAX_WINDOW_S = 30.0  # the longest time since the last look that still counts as "now"
 
 
 @dataclass
 class _State:
     ceiling: int | None = None  # the most threads: torch's (or the user's) count
     last_set: int | None = None  # what fit_threads last set
+    last_look: tuple[float, float, float] | None = None  # (machine busy, own CPU, wall) seconds
 
 
 _STATE = _State()
@@ -66,18 +69,44 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _look() -> tuple[float, float, float] | None:
+    """(busy seconds of the machine, CPU seconds of this process, wall clock) now."""
+    busy = _cpu_busy_seconds()
+    return None if busy is None else (busy, time.process_time(), time.perf_counter())
+
+
+def _others_between(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+    """Cores kept busy by other processes between two looks (machine busy minus our own)."""
+    wall = end[2] - start[2]
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / wall
+
+
 def busy_cores(seconds: float = SAMPLE_S) -> float | None:
     """Cores kept busy by OTHER processes over the next ``seconds`` (None where unknown)."""
-    start_busy, start_own = _cpu_busy_seconds(), time.process_time()
-    if start_busy is None:
+    start = _look()
+    if start is None:
         return None
-    start = time.perf_counter()
     time.sleep(seconds)
-    end_busy, end_own = _cpu_busy_seconds(), time.process_time()
-    wall = time.perf_counter() - start
-    if end_busy is None or wall <= 0:
+    end = _look()
+    if end is None or end[2] <= start[2]:
         return None
-    return max(0.0, (end_busy - start_busy) - (end_own - start_own)) / wall
+    return _others_between(start, end)
+
+
+def recent_busy_cores() -> float | None:
+    """Cores kept busy by OTHER processes recently, without waiting where possible.
+
+    Since the previous call when that was ``SAMPLE_S`` to ``MAX_WINDOW_S`` seconds ago (the
+    previous edit of a loop: no 0.1 s pause per edit); otherwise :func:`busy_cores` samples
+    the next ``SAMPLE_S`` seconds. None where ``/proc/stat`` is missing.
+    """
+    now, last = _look(), _STATE.last_look
+    if now is not None and last is not None and SAMPLE_S <= now[2] - last[2] <= MAX_WINDOW_S:
+        _STATE.last_look = now
+        return _others_between(last, now)
+    busy = busy_cores()
+    _STATE.last_look = _look()
+    return busy
 
 
 def choose_threads(available: int, busy: float, ceiling: int) -> int:
@@ -112,7 +141,7 @@ def fit_threads() -> int:
     current = torch.get_num_threads()
     if _STATE.ceiling is None or current != _STATE.last_set:
         _STATE.ceiling = current  # first call, or the user set a count since: respect it
-    busy = busy_cores()
+    busy = recent_busy_cores()
     if busy is None:
         return current
     threads = choose_threads(cores(), busy, _STATE.ceiling)

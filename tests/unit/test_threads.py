@@ -70,3 +70,40 @@ def test_busy_cores_sees_another_process() -> None:
         child.kill()
         child.wait()
     assert busy is not None and busy >= 0.6, busy  # one core, whatever else runs
+
+
+def test_a_loop_reuses_the_last_look_instead_of_pausing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(threads.ENV, "auto")
+    if threads.busy_cores(0.01) is None:
+        pytest.skip("no /proc/stat")
+    threads.fit_threads()  # first look: samples SAMPLE_S
+    time.sleep(threads.SAMPLE_S * 1.5)  # an edit's worth of work since
+
+    def no_sampling(seconds: float = 0.1) -> float:
+        raise AssertionError("sampled again although the last look is recent")
+
+    monkeypatch.setattr(threads, "busy_cores", no_sampling)
+    start = time.perf_counter()
+    threads.fit_threads()
+    assert time.perf_counter() - start < threads.SAMPLE_S / 2
+    # right after a look the window is too short: it samples again
+    calls: list[float] = []
+    monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.1: calls.append(seconds) or 0.0)
+    threads.fit_threads()
+    assert calls == [threads.SAMPLE_S]
+
+
+def test_the_window_since_the_last_look_sees_another_process() -> None:
+    if threads.busy_cores(0.01) is None:
+        pytest.skip("no /proc/stat")
+    loop = "import time\nend = time.time() + 5\nwhile time.time() < end:\n    pass\n"
+    child = subprocess.Popen([sys.executable, "-c", loop])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        assert threads.recent_busy_cores() is not None  # first look: samples
+        time.sleep(0.5)  # the window
+        busy = threads.recent_busy_cores()
+    finally:
+        child.kill()
+        child.wait()
+    assert busy is not None and busy >= 0.6, busy  # one core, whatever else runs
