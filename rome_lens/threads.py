@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -36,11 +37,19 @@ SAMPLE_S = 0.1  # how long the busy cores are measured (at least)
 MAX_WINDOW_S = 30.0  # the longest time since the last look that still counts as "now"
 
 
+class _Look(NamedTuple):
+    """Seconds at one look: busy CPU time of the machine, CPU time of this process, wall clock."""
+
+    busy: float
+    own: float
+    wall: float
+
+
 @dataclass
 class _State:
     ceiling: int | None = None  # the most threads: torch's (or the user's) count
     last_set: int | None = None  # what fit_threads last set
-    last_look: tuple[float, float, float] | None = None  # (machine busy, own CPU, wall) seconds
+    last_look: _Look | None = None  # the last look at /proc/stat
 
 
 _STATE = _State()
@@ -69,16 +78,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _look() -> tuple[float, float, float] | None:
-    """(busy seconds of the machine, CPU seconds of this process, wall clock) now."""
+def _look() -> _Look | None:
+    """A look now (None without ``/proc/stat``)."""
     busy = _cpu_busy_seconds()
-    return None if busy is None else (busy, time.process_time(), time.perf_counter())
+    return None if busy is None else _Look(busy, time.process_time(), time.perf_counter())
 
 
-def _others_between(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+def _others_between(start: _Look, end: _Look) -> float:
     """Cores kept busy by other processes between two looks (machine busy minus our own)."""
-    wall = end[2] - start[2]
-    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / wall
+    return max(0.0, (end.busy - start.busy) - (end.own - start.own)) / (end.wall - start.wall)
 
 
 def busy_cores(seconds: float = SAMPLE_S) -> float | None:
@@ -88,7 +96,7 @@ def busy_cores(seconds: float = SAMPLE_S) -> float | None:
         return None
     time.sleep(seconds)
     end = _look()
-    if end is None or end[2] <= start[2]:
+    if end is None or end.wall <= start.wall:
         return None
     return _others_between(start, end)
 
@@ -101,7 +109,7 @@ def recent_busy_cores() -> float | None:
     the next ``SAMPLE_S`` seconds. None where ``/proc/stat`` is missing.
     """
     now, last = _look(), _STATE.last_look
-    if now is not None and last is not None and SAMPLE_S <= now[2] - last[2] <= MAX_WINDOW_S:
+    if now is not None and last is not None and SAMPLE_S <= now.wall - last.wall <= MAX_WINDOW_S:
         _STATE.last_look = now
         return _others_between(last, now)
     busy = busy_cores()
