@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from rome_lens._typing import Model
 from rome_lens.edits import Edit, applied_edits
 from rome_lens.errors import InvalidRequestError, NonFiniteError
 from rome_lens.methods.memit import (
+    PAPER_LAYERS,
     MemitHyperParams,
     check_loop,
     check_subjects,
@@ -58,6 +60,14 @@ class AlphaEditHyperParams(MemitHyperParams):
 
     nullspace_threshold: float = 1e-2
     alpha: float = 1.0
+
+    @staticmethod
+    def model_defaults() -> dict[str, dict[str, Any]]:
+        """Exact model names -> overrides (the paper's MEMIT ranges; gemma-3-270m measured)."""
+        return PAPER_LAYERS | {
+            "gemma-3-270m": {"layers": (2, 3, 4), "fit_rows": True,
+                             "other_positions_weight": 0.1},
+        }
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -51,6 +51,13 @@ from rome_lens.statistics import Corpus, second_moment
 logger = logging.getLogger(__name__)
 
 
+# The MEMIT paper's layer ranges and lambdas (REFERENCE.md §6), by exact model name.
+PAPER_LAYERS: dict[str, dict[str, Any]] = {
+    "gpt2-xl": {"layers": (13, 14, 15, 16, 17), "mom2_update_weight": 20000.0},
+    "gpt-j-6B": {"layers": (3, 4, 5, 6, 7, 8), "mom2_update_weight": 15000.0},
+}
+
+
 @dataclass(frozen=True)
 class MemitHyperParams(RomeHyperParams):
     """MEMIT's hyperparameters: ROME's value optimisation plus the layer range and the solve.
@@ -103,6 +110,18 @@ class MemitHyperParams(RomeHyperParams):
             raise InvalidRequestError(
                 f"other_positions_weight must be >= 0, got {self.other_positions_weight}")
 
+    @staticmethod
+    def model_defaults() -> dict[str, dict[str, Any]]:
+        """Exact TransformerLens model names -> overrides of the defaults.
+
+        GPT-2 XL's and GPT-J's are the MEMIT paper's; gemma-3-270m's were measured at 1,000
+        facts (README, "Default layers and lambda for gemma-3-270m").
+        """
+        return PAPER_LAYERS | {
+            "gemma-3-270m": {"layers": (3, 4), "mom2_update_weight": 300.0, "fit_rows": True,
+                             "other_positions_weight": 0.03},
+        }
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemitHyperParams:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
@@ -110,19 +129,18 @@ class MemitHyperParams(RomeHyperParams):
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-# Exact TransformerLens names -> overrides. GPT-2 XL and GPT-J are the MEMIT paper's;
-# gemma-3-270m's were chosen from measurements (README, "Many edits").
-_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt2-xl": {"layers": (13, 14, 15, 16, 17), "mom2_update_weight": 20000.0},
-    "gpt-j-6B": {"layers": (3, 4, 5, 6, 7, 8), "mom2_update_weight": 15000.0},
-    "gemma-3-270m": {"layers": (2, 3, 4), "mom2_update_weight": 1000.0},
-}
-
-
 def default_memit_hparams(model: Model, cls: type[MemitHyperParams] = MemitHyperParams) -> Any:
-    """MEMIT's hyperparameters for ``model`` (others: four layers from ROME's default layer)."""
+    """A MEMIT-style method's hyperparameters for ``model``.
+
+    Overrides come from ``cls.model_defaults()`` (exact model names); a model without an entry
+    gets four layers from ROME's default layer.
+
+    Example:
+        >>> default_memit_hparams(model).layers      # gemma-3-270m
+        (3, 4)
+    """
     name = str(model.cfg.model_name).rsplit("/", 1)[-1]
-    overrides = dict(_MODEL_DEFAULTS.get(name, {}))
+    overrides = dict(cls.model_defaults().get(name, {}))
     if "layers" not in overrides:
         first, last = default_hparams(model).layer or 0, access.n_layers(model) - 1
         overrides["layers"] = tuple(range(min(first, last), min(first + 4, last + 1)))

@@ -371,3 +371,19 @@ def test_threads_are_fitted_per_chunk_and_per_layer(monkeypatch: pytest.MonkeyPa
                      cache_targets=False, progress=False)
     assert calls.count("chunk") == 3  # 5 requests, z_batch 2
     assert calls.count("layer") == 2  # layers (1, 2)
+
+
+def test_defaults_are_per_method_and_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(PLAIN)
+    generic = rome_lens.methods.default_memit_hparams(model)
+    assert not generic.fit_rows and generic.other_positions_weight == 0.0
+    monkeypatch.setattr(model.cfg, "model_name", "google/gemma-3-270m")
+    memit = rome_lens.methods.default_memit_hparams(model)
+    alpha = rome_lens.methods.default_memit_hparams(model, AlphaEditHyperParams)
+    assert (memit.layers, memit.mom2_update_weight, memit.other_positions_weight) == ((3, 4),
+                                                                                     300.0, 0.03)
+    assert isinstance(alpha, AlphaEditHyperParams) and alpha.layers == (2, 3, 4)
+    assert alpha.fit_rows and alpha.other_positions_weight == 0.1
+    monkeypatch.setattr(model.cfg, "model_name", "gpt2-xl")
+    assert rome_lens.methods.default_memit_hparams(model, AlphaEditHyperParams).layers == (
+        13, 14, 15, 16, 17)
