@@ -3,9 +3,11 @@
 The default layer range and lambda of a model are chosen with this script. Facts: the first N
 records of counterfact-train.json the unedited model knows (p(true) > p(new)), one per subject,
 edited in ONE batch per setting; ES / PS / NS of the batch are reported next to the unedited
-model's on the same facts. Targets are cached (``cache_targets``), so settings that share the
-last layer of their range share the expensive part; each line is appended to
-``<out>.jsonl`` and the table of every setting in it is written to ``<out>.json``.
+model's on the same facts, with the health monitor's record of the batch (each site's update
+norm relative to its weight, perplexity of the held-aside text, generation entropy). Targets
+are cached (``cache_targets``), so settings that share the last layer of their range share the
+expensive part; each line is appended to ``<out>.jsonl`` and the table of every setting in it
+is written to ``<out>.json``.
 
 Usage:
     python benchmarks/memit_layers.py --n 100 \\
@@ -65,13 +67,14 @@ def main() -> int:
                                       hparams=hp, cache_targets=True)
         seconds = time.perf_counter() - t0
         sync_targets(to_repo=True)
+        health = rome_lens.HealthMonitor().check(model, edit)  # update norms, perplexity
         with edit.applied(model):
             s = summary(score_all(model, facts))
         row = {"method": method, "config": config, "seconds": seconds,
-               "fit_errors": edit.info["fit_errors"], **s}
+               "fit_errors": edit.info["fit_errors"], **s, "health": health.to_dict()}
         append_row(args.out.with_suffix(".jsonl"), row)
         table.append(row)
-        print(method, config, {k: round(s[k], 1) for k in ("ES", "PS", "NS", "S")})
+        print(method, config, {k: round(s[k], 1) for k in ("ES", "PS", "NS", "S")}, health)
     table = table[:1] + read_rows(args.out.with_suffix(".jsonl"))  # every setting run so far
     result = {"benchmark": "memit_layers", "model": rome_lens.DEFAULT_MODEL, "facts": len(facts),
               "table": table, "provenance": provenance(seed=0)}
