@@ -136,8 +136,10 @@ def default_memit_hparams(model: Model, cls: type[MemitHyperParams] = MemitHyper
     gets four layers from ROME's default layer.
 
     Example:
-        >>> default_memit_hparams(model).layers      # gemma-3-270m
+        >>> default_memit_hparams(model).layers      # gemma-3-270m  # doctest: +SKIP
         (3, 4)
+        >>> type(default_memit_hparams(model, rome_lens.AlphaEditHyperParams)).__name__
+        'AlphaEditHyperParams'
     """
     name = str(model.cfg.model_name).rsplit("/", 1)[-1]
     overrides = dict(cls.model_defaults().get(name, {}))
