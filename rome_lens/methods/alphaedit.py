@@ -56,10 +56,14 @@ class AlphaEditHyperParams(MemitHyperParams):
         nullspace_threshold: eigenvalues of C below this fraction of the largest span the null
             space (AlphaEdit uses an absolute 2e-2; a fraction does not depend on key scale).
         alpha: the ridge ``alpha I`` of the solve, in units of ``mean(diag(C))``.
+        nullspace_energy: > 0: the null space is instead the smallest eigenvectors of C
+            holding this fraction of its trace (the ordinary keys' energy the projection
+            keeps; :func:`rome_lens.statistics.null_space_basis`).
     """
 
     nullspace_threshold: float = 1e-2
     alpha: float = 1.0
+    nullspace_energy: float = 0.0
 
     @staticmethod
     def model_defaults() -> dict[str, dict[str, Any]]:
@@ -74,8 +78,10 @@ class AlphaEditHyperParams(MemitHyperParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.nullspace_threshold < 1.0 or self.alpha <= 0:
-            raise InvalidRequestError("nullspace_threshold must be in (0, 1) and alpha > 0")
+        if not 0.0 < self.nullspace_threshold < 1.0 or self.alpha <= 0 \
+                or not 0.0 <= self.nullspace_energy < 1.0:
+            raise InvalidRequestError("nullspace_threshold must be in (0, 1), alpha > 0 and "
+                                      "nullspace_energy in [0, 1)")
 
 
 def earlier_keys(model: Model, layer: int) -> torch.Tensor | None:
@@ -134,7 +140,8 @@ def compute_alphaedit(
     check_loop(loop)
     hp = resolve_hparams(model, layers, hparams, AlphaEditHyperParams)
     chunks = request_chunks(model, requests, hp)
-    projectors = {layer: null_space_projector(model, layer, corpus, hp, hp.nullspace_threshold)
+    projectors = {layer: null_space_projector(model, layer, corpus, hp, hp.nullspace_threshold,
+                                                hp.nullspace_energy)
                   for layer in hp.layers}
     mom2 = {layer: second_moment(model, layer, corpus, hp) for layer in hp.layers}
     solver = alphaedit_solver(model, projectors, mom2, hp.alpha)

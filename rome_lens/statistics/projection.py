@@ -35,17 +35,34 @@ logger = logging.getLogger(__name__)
 
 
 def null_space_basis(
-    mom2: Float[torch.Tensor, "d d"], threshold: float
+    mom2: Float[torch.Tensor, "d d"], threshold: float, energy: float = 0.0
 ) -> tuple[Float[torch.Tensor, "d k"], Float[torch.Tensor, " d"]]:
     """Eigenvectors of ``mom2`` with eigenvalue below ``threshold * max eigenvalue``.
+
+    With ``energy > 0`` the criterion is instead the keys' energy: the smallest eigenvectors
+    whose eigenvalues sum to at most ``energy * trace`` (so the projection keeps that fraction
+    of the mean ``||k||^2`` of ordinary keys). A relative threshold can hold much more: on
+    gemma-3-270m, 1e-2 leaves 25-53% of the energy in the "null space".
+
+    Example:
+        >>> basis, _ = null_space_basis(torch.diag(torch.tensor([1e-3, 1e-2, 1.0, 10.0])),
+        ...                             threshold=0.5, energy=2e-3)
+        >>> basis.shape
+        torch.Size([4, 2])
 
     Returns:
         ``(basis [d, k], all eigenvalues ascending)`` in float64.
     """
-    if not 0.0 < threshold < 1.0:
-        raise InvalidRequestError(f"null-space threshold must be in (0, 1), got {threshold}")
+    if not 0.0 < threshold < 1.0 or not 0.0 <= energy < 1.0:
+        raise InvalidRequestError(
+            f"null-space threshold must be in (0, 1) and energy in [0, 1), got {threshold}, "
+            f"{energy}")
     values, vectors = torch.linalg.eigh(mom2.to(torch.float64))
-    keep = values < threshold * values.max()
+    if energy > 0:
+        share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
+        keep = share <= energy
+    else:
+        keep = values < threshold * values.max()
     return vectors[:, keep], values
 
 
@@ -55,6 +72,7 @@ def null_space_projector(
     corpus: Corpus = None,
     hparams: CorpusSize | None = None,
     threshold: float = 1e-2,
+    energy: float = 0.0,
 ) -> Float[torch.Tensor, "d_mlp d_mlp"]:
     """AlphaEdit's projector onto the null space of the base model's keys at ``layer`` (cached).
 
@@ -64,6 +82,8 @@ def null_space_projector(
         corpus: statistics corpus (``None``: model samples), as :func:`second_moment`.
         hparams: corpus size and seed.
         threshold: eigenvalues below ``threshold * max eigenvalue`` span the null space.
+        energy: > 0: the null space holds this fraction of the keys' energy instead
+            (:func:`null_space_basis`).
 
     Returns:
         A float32 symmetric ``[d_mlp, d_mlp]`` projector on the model's device.
@@ -73,16 +93,18 @@ def null_space_projector(
     layer = access.check_layer(model, layer)
     hparams = hparams or StatisticsConfig()
     _, corpus_id = corpus_tokens(model, corpus, hparams)
-    name = f"{base_fingerprint(model)}-L{layer}-{corpus_id}-t{threshold:g}.safetensors"
+    rule = f"e{energy:g}" if energy > 0 else f"t{threshold:g}"
+    name = f"{base_fingerprint(model)}-L{layer}-{corpus_id}-{rule}.safetensors"
     path = cache_dir("projectors") / name
     if path.exists():
         return load_file(str(path))["projector"].to(model.cfg.device)
-    basis, values = null_space_basis(second_moment(model, layer, corpus, hparams), threshold)
+    basis, values = null_space_basis(second_moment(model, layer, corpus, hparams), threshold,
+                                     energy)
     projector = (basis @ basis.T).float().contiguous()
     with atomic_path(path) as tmp:
         save_file({"projector": projector}, str(tmp))
     logger.info(
-        "null space at layer %d: %d of %d directions (eigenvalue < %g x %.3g)",
-        layer, basis.shape[1], values.shape[0], threshold, float(values.max()),
+        "null space at layer %d: %d of %d directions (%s; largest eigenvalue %.3g)",
+        layer, basis.shape[1], values.shape[0], rule, float(values.max()),
     )
     return projector.to(model.cfg.device)

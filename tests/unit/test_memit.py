@@ -387,3 +387,23 @@ def test_defaults_are_per_method_and_per_model(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(model.cfg, "model_name", "gpt2-xl")
     assert rome_lens.methods.default_memit_hparams(model, AlphaEditHyperParams).layers == (
         13, 14, 15, 16, 17)
+
+
+def test_an_energy_null_space_holds_that_share_of_the_keys_energy() -> None:
+    model = tiny_model(PLAIN)
+    stats = _stats(model, 1).double()
+    values, vectors = torch.linalg.eigh(stats)
+    basis, _ = null_space_basis(stats, 0.5, energy=0.01)
+    share = float(torch.trace(basis.T @ stats @ basis) / torch.trace(stats))
+    next_value = float(values[basis.shape[1]])  # adding the next direction passes 1%
+    assert 0 < basis.shape[1] < len(values) and share <= 0.01
+    assert share + next_value / float(torch.trace(stats)) > 0.01
+    hp = replace(_alpha((1,)), nullspace_energy=0.01)
+    with one_thread():
+        edit = compute_edit(model, REQS[:2], method="alphaedit", hparams=hp,
+                            corpus=STATS_CORPUS, progress=False)
+    delta = edit.sites[0].delta().double()
+    kept = vectors[:, basis.shape[1]:]  # the directions holding 99% of the energy
+    assert (kept.T @ delta).norm() < 1e-5 * delta.norm()
+    with pytest.raises(InvalidRequestError, match="nullspace_energy"):
+        AlphaEditHyperParams(nullspace_energy=1.0)
