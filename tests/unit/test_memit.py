@@ -383,7 +383,7 @@ def test_defaults_are_per_method_and_per_model(monkeypatch: pytest.MonkeyPatch) 
     assert (memit.layers, memit.mom2_update_weight, memit.other_positions_weight) == ((3, 4),
                                                                                      300.0, 0.03)
     assert isinstance(alpha, AlphaEditHyperParams) and alpha.layers == (2, 3, 4)
-    assert not alpha.fit_rows and alpha.other_positions_weight == 0.0
+    assert not alpha.fit_rows and alpha.other_positions_weight == 0.0 and alpha.alpha == 100.0
     monkeypatch.setattr(model.cfg, "model_name", "gpt2-xl")
     assert rome_lens.methods.default_memit_hparams(model, AlphaEditHyperParams).layers == (
         13, 14, 15, 16, 17)
