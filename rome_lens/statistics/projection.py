@@ -59,8 +59,8 @@ def null_space_basis(
             f"{energy}")
     values, vectors = torch.linalg.eigh(mom2.to(torch.float64))
     if energy > 0:
-        share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
-        keep = share <= energy
+        positive = values.clamp_min(0)
+        keep = torch.cumsum(positive, 0) <= energy * positive.sum()
     else:
         keep = values < threshold * values.max()
     return vectors[:, keep], values
