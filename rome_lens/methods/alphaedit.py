@@ -59,11 +59,15 @@ class AlphaEditHyperParams(MemitHyperParams):
         nullspace_energy: > 0: the null space is instead the smallest eigenvectors of C
             holding this fraction of its trace (the ordinary keys' energy the projection
             keeps; :func:`rome_lens.statistics.null_space_basis`).
+        earlier_weight: the weight of the earlier edits' keys in the solve (``w Kp^T Kp``;
+            AlphaEdit's is 1): above 1, a new batch moves what earlier ones wrote less, at
+            some cost to its own fit.
     """
 
     nullspace_threshold: float = 1e-2
     alpha: float = 1.0
     nullspace_energy: float = 0.0
+    earlier_weight: float = 1.0
 
     @staticmethod
     def model_defaults() -> dict[str, dict[str, Any]]:
@@ -81,9 +85,9 @@ class AlphaEditHyperParams(MemitHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.nullspace_threshold < 1.0 or self.alpha <= 0 \
-                or not 0.0 <= self.nullspace_energy < 1.0:
-            raise InvalidRequestError("nullspace_threshold must be in (0, 1), alpha > 0 and "
-                                      "nullspace_energy in [0, 1)")
+                or not 0.0 <= self.nullspace_energy < 1.0 or self.earlier_weight < 0:
+            raise InvalidRequestError("nullspace_threshold must be in (0, 1), alpha > 0, "
+                                      "nullspace_energy in [0, 1) and earlier_weight >= 0")
 
 
 def earlier_keys(model: Model, layer: int) -> torch.Tensor | None:
@@ -94,7 +98,7 @@ def earlier_keys(model: Model, layer: int) -> torch.Tensor | None:
 
 def alphaedit_solver(
     model: Model, projectors: dict[int, torch.Tensor], mom2: dict[int, torch.Tensor],
-    alpha: float,
+    alpha: float, earlier_weight: float = 1.0,
 ) -> Solver:
     """AlphaEdit's per-layer solve (float64), reading earlier edits from ``model``."""
 
@@ -105,7 +109,7 @@ def alphaedit_solver(
         gram = k.T @ k
         previous = earlier_keys(model, layer)
         if previous is not None:
-            gram = gram + previous.T @ previous
+            gram = gram + earlier_weight * (previous.T @ previous)
         if preserve is not None:
             gram = gram + preserve.to("cpu", torch.float64)
         ridge = alpha * float(mom2[layer].diagonal().mean())
@@ -146,7 +150,7 @@ def compute_alphaedit(
                                                 hp.nullspace_energy)
                   for layer in hp.layers}
     mom2 = {layer: second_moment(model, layer, corpus, hp) for layer in hp.layers}
-    solver = alphaedit_solver(model, projectors, mom2, hp.alpha)
+    solver = alphaedit_solver(model, projectors, mom2, hp.alpha, hp.earlier_weight)
     info = {"null_space_dims": {str(lyr): round(float(p.trace())) for lyr, p in projectors.items()},
             "earlier_edits": len(applied_edits(model))}
     return run_many(model, chunks, hp, "alphaedit", solver, loop=loop,

@@ -155,6 +155,9 @@ def test_alphaedit_keeps_earlier_edits_in_place() -> None:
         assert second.info["earlier_edits"] == 1
         memit = compute_edit(model, REQS[2:4], method="memit", hparams=_memit(1e-3),
                              corpus=STATS_CORPUS, progress=False)
+        stiff = compute_edit(model, REQS[2:4], method="alphaedit",
+                             hparams=replace(_alpha(), earlier_weight=100.0),
+                             corpus=STATS_CORPUS, progress=False)
         first.revert(model)
 
     def moved(edit: rome_lens.Edit) -> float:
@@ -162,6 +165,7 @@ def test_alphaedit_keeps_earlier_edits_in_place() -> None:
                          for s in edit.sites))
 
     assert moved(second) < 0.1 * moved(memit)
+    assert moved(stiff) < 0.5 * moved(second)  # earlier_weight: earlier keys held harder
 
 
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
@@ -407,3 +411,5 @@ def test_an_energy_null_space_holds_that_share_of_the_keys_energy() -> None:
     assert (kept.T @ delta).norm() < 1e-5 * delta.norm()
     with pytest.raises(InvalidRequestError, match="nullspace_energy"):
         AlphaEditHyperParams(nullspace_energy=1.0)
+    with pytest.raises(InvalidRequestError, match="earlier_weight"):
+        AlphaEditHyperParams(earlier_weight=-1.0)
