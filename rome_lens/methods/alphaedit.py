@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,12 +63,18 @@ class AlphaEditHyperParams(MemitHyperParams):
         earlier_weight: the weight of the earlier edits' keys in the solve (``w Kp^T Kp``;
             AlphaEdit's is 1): above 1, a new batch moves what earlier ones wrote less, at
             some cost to its own fit.
+        covariance_weight: lambda of a MEMIT-style term ``lambda C`` inside the projected
+            solve (0: AlphaEdit's). Where the base model's keys have a few massive dimensions
+            (gemma-3-270m: the largest eigenvalue of C is ~500x its mean) the null space keeps
+            nearly every direction and most of ordinary text's key energy; this term charges
+            what the update writes at ordinary keys by how much text uses each direction.
     """
 
     nullspace_threshold: float = 1e-2
     alpha: float = 1.0
     nullspace_energy: float = 0.0
     earlier_weight: float = 1.0
+    covariance_weight: float = 0.0
 
     @staticmethod
     def model_defaults() -> dict[str, dict[str, Any]]:
@@ -85,9 +92,11 @@ class AlphaEditHyperParams(MemitHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.nullspace_threshold < 1.0 or self.alpha <= 0 \
-                or not 0.0 <= self.nullspace_energy < 1.0 or self.earlier_weight < 0:
+                or not 0.0 <= self.nullspace_energy < 1.0 or self.earlier_weight < 0 \
+                or not 0.0 <= self.covariance_weight < math.inf:
             raise InvalidRequestError("nullspace_threshold must be in (0, 1), alpha > 0, "
-                                      "nullspace_energy in [0, 1) and earlier_weight >= 0")
+                                      "nullspace_energy in [0, 1), earlier_weight >= 0 and "
+                                      "covariance_weight finite and >= 0")
 
 
 def earlier_keys(model: Model, layer: int) -> torch.Tensor | None:
@@ -98,9 +107,13 @@ def earlier_keys(model: Model, layer: int) -> torch.Tensor | None:
 
 def alphaedit_solver(
     model: Model, projectors: dict[int, torch.Tensor], mom2: dict[int, torch.Tensor],
-    alpha: float, earlier_weight: float = 1.0,
+    alpha: float, earlier_weight: float = 1.0, covariance_weight: float = 0.0,
 ) -> Solver:
-    """AlphaEdit's per-layer solve (float64), reading earlier edits from ``model``."""
+    """AlphaEdit's per-layer solve (float64), reading earlier edits from ``model``.
+
+    ``Delta = (P (w Kp^T Kp + K^T K + lambda C) + alpha' I)^-1 P K^T R`` with ``w`` =
+    ``earlier_weight``, ``lambda`` = ``covariance_weight`` and ``alpha' = alpha mean(diag C)``.
+    """
 
     def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor,
               preserve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +125,8 @@ def alphaedit_solver(
             gram = gram + earlier_weight * (previous.T @ previous)
         if preserve is not None:
             gram = gram + preserve.to("cpu", torch.float64)
+        if covariance_weight > 0:
+            gram = gram + covariance_weight * mom2[layer].to("cpu", torch.float64)
         ridge = alpha * float(mom2[layer].diagonal().mean())
         eye = torch.eye(p.shape[0], dtype=p.dtype)
         left = torch.linalg.solve(p @ gram + ridge * eye, p @ k.T)
@@ -150,7 +165,8 @@ def compute_alphaedit(
                                                 hp.nullspace_energy)
                   for layer in hp.layers}
     mom2 = {layer: second_moment(model, layer, corpus, hp) for layer in hp.layers}
-    solver = alphaedit_solver(model, projectors, mom2, hp.alpha, hp.earlier_weight)
+    solver = alphaedit_solver(model, projectors, mom2, hp.alpha, hp.earlier_weight,
+                              hp.covariance_weight)
     info = {"null_space_dims": {str(lyr): round(float(p.trace())) for lyr, p in projectors.items()},
             "earlier_edits": len(applied_edits(model))}
     return run_many(model, chunks, hp, "alphaedit", solver, loop=loop,

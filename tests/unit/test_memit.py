@@ -143,6 +143,25 @@ def test_alphaedit_leaves_preserved_keys_unchanged(kind: str) -> None:
             assert (written @ delta).norm() > 1e-3 * written.norm() * delta.norm()
 
 
+def test_alphaedit_covariance_weight_writes_less_at_ordinary_keys() -> None:
+    """``covariance_weight``: per unit written at the edited keys, less written at ordinary text."""
+    model = tiny_model(PLAIN)
+    with one_thread():
+        plain, charged = (
+            compute_edit(model, REQS[:2], method="alphaedit", corpus=STATS_CORPUS,
+                         hparams=replace(_alpha(), covariance_weight=w), progress=False)
+            for w in (0.0, 30.0))
+
+    def leak(edit: rome_lens.Edit) -> float:
+        site = edit.sites[0]
+        delta, c = site.delta().double(), _stats(model, site.layer).double()
+        written = edit.keys_at(site.layer).double() @ delta
+        return float(torch.trace(delta.T @ c @ delta) / written.pow(2).sum())
+
+    assert leak(charged) < 0.5 * leak(plain)
+    assert plain.hparams["covariance_weight"] == 0.0
+
+
 def test_alphaedit_keeps_earlier_edits_in_place() -> None:
     """The second batch's update barely moves the first batch's keys; MEMIT's moves them."""
     model = tiny_model(PLAIN)
@@ -413,3 +432,5 @@ def test_an_energy_null_space_holds_that_share_of_the_keys_energy() -> None:
         AlphaEditHyperParams(nullspace_energy=1.0)
     with pytest.raises(InvalidRequestError, match="earlier_weight"):
         AlphaEditHyperParams(earlier_weight=-1.0)
+    with pytest.raises(InvalidRequestError, match="covariance_weight"):
+        AlphaEditHyperParams(covariance_weight=float("nan"))
