@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rome_lens._cache import atomic_path, cache_dir
 from rome_lens._typing import Model
-from rome_lens.edits import applied_ids, base_fingerprint
+from rome_lens.edits import applied_ids, base_fingerprint, base_weights
 from rome_lens.models import access
 from rome_lens.requests import EditRequest
 from rome_lens.rome import (
@@ -193,7 +193,14 @@ def _cache_key(model: Model, request: EditRequest, hparams: Any, z_layer: int, l
         "request": request.to_dict(), "layer": z_layer, "loop": loop,
         "hparams": {name: getattr(hparams, name, None) for name in _Z_FIELDS},
     }
+    if _base_scale(model, hparams):  # else the same computation as without the option
+        spec["value_scale"] = "base"
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _base_scale(model: Model, hparams: Any) -> bool:
+    """Whether the targets' clamp scale comes from the base model and differs from now."""
+    return bool(getattr(hparams, "base_value_scale", False)) and bool(applied_ids(model))
 
 
 def _optimise_chunk(
@@ -202,6 +209,9 @@ def _optimise_chunk(
     k_star, resid = subject_keys(model, z_layer, chunk.batch, keep_residual=loop == "residual")
     with torch.no_grad():
         v_orig = access.mlp_value(model, z_layer, k_star)
+        if _base_scale(model, hparams):  # the deltas' clamp and decay scale, from the base
+            with base_weights(model):
+                v_orig = access.mlp_value(model, z_layer, k_star)
     forward = make_forward(model, z_layer, chunk.batch, loop, resid, v_orig.dtype)
     delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
     return delta, final

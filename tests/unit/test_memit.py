@@ -13,7 +13,10 @@ from tiny import HAS_HOOKED, tiny_model
 
 import rome_lens
 from rome_lens import AlphaEditHyperParams, EditRequest, MemitHyperParams, compute_edit
+from rome_lens.edits import DenseSite
 from rome_lens.errors import InvalidRequestError, LayerOutOfRangeError
+from rome_lens.methods.spread import partial_edit
+from rome_lens.methods.targets import optimise_targets, request_chunks
 from rome_lens.models import access
 from rome_lens.statistics import StatisticsConfig, null_space_basis, second_moment
 
@@ -237,6 +240,26 @@ def test_targets_are_cached_and_reused(monkeypatch: pytest.MonkeyPatch) -> None:
                              corpus=STATS_CORPUS, cache_targets=True, progress=False)
     assert again.info["cached_targets"] == 2
     assert torch.equal(first.tensors["delta"], again.tensors["delta"])
+
+
+def test_base_value_scale_clamps_targets_by_the_unedited_output() -> None:
+    """``base_value_scale``: edits that inflate the layer's output do not loosen the clamp."""
+    model = tiny_model(POST_NORM)
+    hps = [replace(_memit(), clamp_norm_factor=0.05, base_value_scale=flag)
+           for flag in (False, True)]
+
+    def deltas() -> list[torch.Tensor]:
+        with one_thread():
+            return [optimise_targets(model, request_chunks(model, REQS[:2], hp), hp, 2,
+                                     progress=False).delta for hp in hps]
+
+    plain, based = deltas()
+    assert torch.equal(plain, based)  # no edits applied: the same computation
+    inflate = DenseSite(2, 9.0 * access.read_mlp_out(model, 2))  # the layer's output x 10
+    with partial_edit(model, [inflate]).applied(model):
+        now, base = deltas()
+    assert torch.allclose(base.norm(dim=-1), plain.norm(dim=-1), rtol=1e-3)  # both clamped
+    assert (now.norm(dim=-1) > 3 * plain.norm(dim=-1)).all()  # a 10x looser clamp
 
 
 def test_bfloat16_targets_reach_the_float32_loss() -> None:
