@@ -85,9 +85,13 @@ class AlphaEditHyperParams(MemitHyperParams):
         of 100 sequential edits already writes 2x the weight's norm at layer 4 (perplexity of
         the held-aside text 39 vs 23 unedited; 28 with 100). Not MEMIT's ``fit_rows`` and
         other-positions constraints: they more than double the update's norm (README,
-        "Default layers and lambda").
+        "Default layers and lambda"). ``base_value_scale``: each batch's targets clamped by
+        the unedited model's MLP output; with the edited model's (the paper's), every batch
+        writes a larger update than the last (300 edits: held-aside perplexity 44.2 vs 28.6,
+        ES 88.3 vs 93.7; README, "Sequential AlphaEdit").
         """
-        return PAPER_LAYERS | {"gemma-3-270m": {"layers": (2, 3, 4), "alpha": 100.0}}
+        return PAPER_LAYERS | {"gemma-3-270m": {"layers": (2, 3, 4), "alpha": 100.0,
+                                                "base_value_scale": True}}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -430,6 +430,7 @@ def test_defaults_are_per_method_and_per_model(monkeypatch: pytest.MonkeyPatch) 
                                                                                      300.0, 0.03)
     assert isinstance(alpha, AlphaEditHyperParams) and alpha.layers == (2, 3, 4)
     assert not alpha.fit_rows and alpha.other_positions_weight == 0.0 and alpha.alpha == 100.0
+    assert alpha.base_value_scale and not memit.base_value_scale
     monkeypatch.setattr(model.cfg, "model_name", "gpt2-xl")
     assert rome_lens.methods.default_memit_hparams(model, AlphaEditHyperParams).layers == (
         13, 14, 15, 16, 17)
