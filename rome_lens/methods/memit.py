@@ -44,7 +44,7 @@ from rome_lens.methods.spread import Solver, Spread, spread
 from rome_lens.methods.targets import RequestChunk, Targets, optimise_targets, request_chunks
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, check_requests
-from rome_lens.rome import RomeHyperParams, default_hparams
+from rome_lens.rome import RomeHyperParams, default_hparams, fast_bfloat16
 from rome_lens.rome.forwards import LOOPS, ValueLoop
 from rome_lens.statistics import Corpus, second_moment
 
@@ -69,7 +69,8 @@ class MemitHyperParams(RomeHyperParams):
             one edited key: C is a mean, ``K^T K`` a sum).
         z_batch: requests optimised together in one batch of prompts.
         z_precision: as ROME's, but ``"bfloat16"`` by default (1.7x faster on a CPU with
-            AVX-512 BF16, same losses to ~1%; measured in README).
+            AVX-512 BF16, same losses to ~1%; measured in README); :func:`default_memit_hparams`
+            picks ``"float32"`` where the device has no fast bfloat16.
         fit_rows: every prompt's key is a constraint of the solve (default: each request's
             mean key, as MEMIT).
         bare_row_weight: with ``fit_rows``, how many times each request's bare edit prompt
@@ -140,7 +141,9 @@ def default_memit_hparams(model: Model, cls: type[MemitHyperParams] = MemitHyper
     """A MEMIT-style method's hyperparameters for ``model``.
 
     Overrides come from ``cls.model_defaults()`` (exact model names); a model without an entry
-    gets four layers from ROME's default layer.
+    gets four layers from ROME's default layer. ``z_precision`` falls back to ``"float32"``
+    where the model's device has no fast bfloat16 (a CPU without AVX-512 BF16 or AMX: there
+    bfloat16 matmuls are emulated, measured 170x slower than float32 on an AVX2 EPYC).
 
     Example:
         >>> default_memit_hparams(model).layers      # gemma-3-270m  # doctest: +SKIP
@@ -150,6 +153,8 @@ def default_memit_hparams(model: Model, cls: type[MemitHyperParams] = MemitHyper
     """
     name = str(model.cfg.model_name).rsplit("/", 1)[-1]
     overrides = dict(cls.model_defaults().get(name, {}))
+    if "z_precision" not in overrides and not fast_bfloat16(model.cfg.device):
+        overrides["z_precision"] = "float32"  # emulated bfloat16 is ~100x slower (AVX2 CPUs)
     if "layers" not in overrides:
         first, last = default_hparams(model).layer or 0, access.n_layers(model) - 1
         overrides["layers"] = tuple(range(min(first, last), min(first + 4, last + 1)))

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,11 +208,10 @@ def _optimise_chunk(
     model: Model, chunk: RequestChunk, hparams: RomeHyperParams, z_layer: int, loop: ValueLoop
 ) -> tuple[torch.Tensor, list[float]]:
     k_star, resid = subject_keys(model, z_layer, chunk.batch, keep_residual=loop == "residual")
-    with torch.no_grad():
+    # v_orig only scales the deltas' clamp and decay: from the base model when asked.
+    scale_from = base_weights(model) if _base_scale(model, hparams) else nullcontext()
+    with torch.no_grad(), scale_from:
         v_orig = access.mlp_value(model, z_layer, k_star)
-        if _base_scale(model, hparams):  # the deltas' clamp and decay scale, from the base
-            with base_weights(model):
-                v_orig = access.mlp_value(model, z_layer, k_star)
     forward = make_forward(model, z_layer, chunk.batch, loop, resid, v_orig.dtype)
     delta, _, final = optimise_values(model, z_layer, chunk.batch, v_orig, forward, hparams)
     return delta, final

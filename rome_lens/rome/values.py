@@ -32,6 +32,7 @@ Example (the steps :func:`~rome_lens.rome.compute.compute_rome_edit` runs before
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from rome_lens._typing import Model
 from rome_lens.errors import NonFiniteError
 from rome_lens.models import access
 from rome_lens.rome.forwards import ValueForward
-from rome_lens.rome.hparams import RomeHyperParams
+from rome_lens.rome.hparams import RomeHyperParams, fast_bfloat16
 from rome_lens.rome.prompts import ValueBatch
 
 logger = logging.getLogger(__name__)
@@ -251,8 +252,18 @@ def value_precision(model: Model, hparams: RomeHyperParams) -> torch.autocast:
     Open for the whole loop: autocast caches its casts of the weights while it is open.
     """
     device = torch.device(model.cfg.device or "cpu").type
-    return torch.autocast(device, dtype=torch.bfloat16,
-                          enabled=hparams.z_precision == "bfloat16")
+    enabled = hparams.z_precision == "bfloat16"
+    if enabled and not fast_bfloat16(device):
+        _warn_slow_bfloat16(device)
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
+@functools.cache
+def _warn_slow_bfloat16(device: str) -> None:
+    """Warn once per device type that bfloat16 targets will be emulated there (slow)."""
+    logger.warning(
+        "z_precision='bfloat16' on a %s without fast bfloat16 (no AVX-512 BF16 / AMX): the "
+        "value optimisation will be far slower than float32; pass z_precision='float32'", device)
 
 
 def _adam_step(

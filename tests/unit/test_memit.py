@@ -436,6 +436,18 @@ def test_defaults_are_per_method_and_per_model(monkeypatch: pytest.MonkeyPatch) 
         13, 14, 15, 16, 17)
 
 
+def test_targets_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 targets only where bfloat16 is fast (emulated it is ~100x slower)."""
+    model = tiny_model(PLAIN)
+    for fast, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(rome_lens.methods.memit, "fast_bfloat16", lambda _d, f=fast: f)
+        for cls in (MemitHyperParams, AlphaEditHyperParams):
+            assert rome_lens.methods.default_memit_hparams(model, cls).z_precision == expected
+    monkeypatch.setattr(MemitHyperParams, "model_defaults",
+                        staticmethod(lambda: {model.cfg.model_name: {"z_precision": "bfloat16"}}))
+    assert rome_lens.methods.default_memit_hparams(model).z_precision == "bfloat16"  # asked
+
+
 def test_an_energy_null_space_holds_that_share_of_the_keys_energy() -> None:
     model = tiny_model(PLAIN)
     stats = _stats(model, 1).double()
