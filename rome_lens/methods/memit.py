@@ -44,7 +44,7 @@ from rome_lens.methods.spread import Solver, Spread, spread
 from rome_lens.methods.targets import RequestChunk, Targets, optimise_targets, request_chunks
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, check_requests
-from rome_lens.rome import RomeHyperParams, default_hparams, fast_bfloat16
+from rome_lens.rome import RomeHyperParams, default_hparams, default_precision
 from rome_lens.rome.forwards import LOOPS, ValueLoop
 from rome_lens.statistics import Corpus, second_moment
 
@@ -153,8 +153,7 @@ def default_memit_hparams(model: Model, cls: type[MemitHyperParams] = MemitHyper
     """
     name = str(model.cfg.model_name).rsplit("/", 1)[-1]
     overrides = dict(cls.model_defaults().get(name, {}))
-    if "z_precision" not in overrides and not fast_bfloat16(model.cfg.device):
-        overrides["z_precision"] = "float32"  # emulated bfloat16: 170x slower (AVX2 EPYC)
+    overrides.setdefault("z_precision", default_precision(model.cfg.device))
     if "layers" not in overrides:
         first, last = default_hparams(model).layer or 0, access.n_layers(model) - 1
         overrides["layers"] = tuple(range(min(first, last), min(first + 4, last + 1)))

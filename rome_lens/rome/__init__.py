@@ -8,7 +8,12 @@ objectives), :mod:`~rome_lens.rome.forwards` (how the value loop runs the model)
 
 from rome_lens.rome.compute import compute_rome, compute_rome_edit
 from rome_lens.rome.forwards import ValueLoop
-from rome_lens.rome.hparams import RomeHyperParams, default_hparams, fast_bfloat16
+from rome_lens.rome.hparams import (
+    RomeHyperParams,
+    default_hparams,
+    default_precision,
+    fast_bfloat16,
+)
 from rome_lens.rome.keys import subject_keys
 from rome_lens.rome.prompts import ValueBatch, value_batch
 from rome_lens.rome.update import rank_one_factors
@@ -23,6 +28,7 @@ __all__ = [
     "compute_rome_edit",
     "default_entropy_layers",
     "default_hparams",
+    "default_precision",
     "fast_bfloat16",
     "optimise_values",
     "rank_one_factors",

@@ -127,9 +127,23 @@ def default_hparams(model: Model) -> RomeHyperParams:
     base = RomeHyperParams(**overrides)
     if base.layer is None:
         base = replace(base, layer=max(0, round(0.25 * model.cfg.n_layers)))
-    if "z_precision" not in overrides and fast_bfloat16(model.cfg.device):
-        base = replace(base, z_precision="bfloat16")
+    if "z_precision" not in overrides:
+        base = replace(base, z_precision=default_precision(model.cfg.device))
     return base
+
+
+def default_precision(device: torch.device | str | None) -> str:
+    """The targets' default ``z_precision`` on ``device``, for every method.
+
+    ``"bfloat16"`` where the device computes it fast (1.7x faster than float32 on a CPU with
+    AVX-512 BF16, same loss curve to ~1%), else ``"float32"`` (emulated bfloat16 matmuls
+    measured 170x slower than float32 on an AVX2 EPYC).
+
+    Example:
+        >>> default_precision("cpu") in ("bfloat16", "float32")
+        True
+    """
+    return "bfloat16" if fast_bfloat16(device) else "float32"
 
 
 def fast_bfloat16(device: torch.device | str | None) -> bool:
