@@ -9,7 +9,10 @@ Issue #15 (MEMIT-1000 ES >= 90 is missed; NOTES.md). For the facts of
    edit closes at the last subject token: ``reach = 1 - |z - h_after| / |z - h_before|``, over
    the mean of the request's prompts (what the solve aims at) and on the bare edit prompt
    alone (what ES reads), and the ES / PS / NS of the batch;
-3. with ``--passes P > 1``: spreads the SAME targets again on the model with the earlier
+3. with ``--overshoot S`` (repeatable): spreads ``h + S (z - h)`` instead of ``z`` (S > 1 asks
+   the solve for more than the targets' change, to make up for what interference loses; reach
+   is still measured against ``z``);
+4. with ``--passes P > 1``: spreads the SAME targets again on the model with the earlier
    passes applied (a Newton-like correction of what the first pass left: interference between
    keys, the lower layers' changes, Gemma's post-MLP norm) and measures again after each pass.
 
@@ -35,7 +38,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _many import TRAIN, append_row, known_facts, load_model, score_all, summary  # noqa: E402
+from _many import (  # noqa: E402
+    TRAIN,
+    append_row,
+    known_facts,
+    load_model,
+    peak_memory_gib,
+    score_all,
+    summary,
+)
 from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
@@ -87,11 +98,37 @@ def applied(model: Any, edits: list[Edit]) -> Iterator[None]:
         yield
 
 
+def run_passes(model: Any, facts: list, chunks: list, layers: list[int], hp: Any, solver: Any,
+               wanted: torch.Tensor, z_rows: torch.Tensor, before: torch.Tensor, n_passes: int,
+               config: dict[str, Any], out: Path) -> None:
+    """Spread ``wanted`` ``n_passes`` times (each on top of the last) and score after each."""
+    index = chunk_index(chunks)
+    first = first_rows(index)
+    passes: list[Edit] = []  # one edit value per pass, applied one on top of the other
+    for p in range(1, n_passes + 1):
+        t0 = time.perf_counter()
+        with applied(model, passes):
+            result = spread(model, chunks, layers, wanted, solver, True, hp.fit_rows,
+                            hp.bare_row_weight, hp.other_positions_weight)
+            passes.append(partial_edit(model, result.sites))
+        seconds = time.perf_counter() - t0
+        with applied(model, passes):
+            after = states(model, chunks, layers[-1])
+            scores = summary(score_all(model, facts))
+        row = {"config": config, "layers": layers, "pass": p, "seconds": seconds,
+               "fit_errors": result.fit_errors, **reach(z_rows, before, after, index, first),
+               **{k: scores[k] for k in ("n", "ES", "PS", "NS", "S")},
+               "peak_memory_gib": peak_memory_gib()}
+        append_row(out.with_suffix(".jsonl"), row | {"provenance": provenance(seed=0)})
+        print(json.dumps(row))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--config", action="append", default=[])
     parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--overshoot", type=float, action="append", default=[])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     model = load_model()
@@ -106,28 +143,14 @@ def main() -> int:
         chunks = request_chunks(model, requests, hp)
         targets = optimise_targets(model, chunks, hp, layers[-1], cache=True)
         assert targets.z_rows is not None
-        index = chunk_index(chunks)
-        first = first_rows(index)
         mom2 = {layer: second_moment(model, layer, None, hp) for layer in layers}
         solver = memit_solver(mom2, hp.mom2_update_weight, hp.mom2_ridge)
         before = states(model, chunks, layers[-1])
-        passes: list[Edit] = []  # one edit value per pass, applied one on top of the other
-        for p in range(1, args.passes + 1):
-            t0 = time.perf_counter()
-            with applied(model, passes):
-                result = spread(model, chunks, layers, targets.z_rows, solver, True, hp.fit_rows,
-                                hp.bare_row_weight, hp.other_positions_weight)
-                passes.append(partial_edit(model, result.sites))
-            seconds = time.perf_counter() - t0
-            with applied(model, passes):
-                after = states(model, chunks, layers[-1])
-                scores = summary(score_all(model, facts))
-            row = {"config": config, "layers": layers, "pass": p, "seconds": seconds,
-                   "fit_errors": result.fit_errors,
-                   **reach(targets.z_rows, before, after, index, first),
-                   **{k: scores[k] for k in ("n", "ES", "PS", "NS", "S")}}
-            append_row(args.out.with_suffix(".jsonl"), row | {"provenance": provenance(seed=0)})
-            print(json.dumps(row))
+        for scale in args.overshoot or [1.0]:
+            wanted = before + scale * (targets.z_rows - before)
+            run_passes(model, facts, chunks, layers, hp, solver, wanted, targets.z_rows, before,
+                       args.passes, config | ({"overshoot": scale} if scale != 1.0 else {}),
+                       args.out)
     return 0
 
 

@@ -210,6 +210,7 @@ def spread(
     fit_rows: bool = False,
     bare_weight: float = 1.0,
     other_weight: float = 0.0,
+    overshoot: float = 1.0,
 ) -> Spread:
     """Update each layer of ``layers`` (ascending) towards the row targets of the last one.
 
@@ -219,7 +220,9 @@ def spread(
     mean key, as MEMIT); ``bare_weight``: with ``fit_rows``, each request's bare edit prompt
     counts that many times in the solve and in the fit of its raw change (its key is what the
     edit prompt itself reads); ``other_weight``: > 0 adds the keys after the subject
-    (:func:`other_positions_gram`) to the solve as "no change" constraints of that weight.
+    (:func:`other_positions_gram`) to the solve as "no change" constraints of that weight;
+    ``overshoot``: the layers aim at ``h + overshoot (z - h)``, ``h`` the residual rows before
+    the first update.
 
     Raises:
         NonFiniteError: a key, residual or update is NaN or infinite.
@@ -235,6 +238,8 @@ def spread(
             if other_weight > 0:
                 preserve = other_weight * other_positions_gram(model, chunks, layer)[0]
         n = int(index.max()) + 1
+        if i == 0 and overshoot != 1.0:
+            z_rows = now + overshoot * (z_rows.to(now.device) - now)
         keys = request_means(key_rows, index, n)
         wanted = (z_rows.to(now.device) - now) / (len(layers) - i)
         with torch.no_grad():

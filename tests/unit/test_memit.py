@@ -126,6 +126,32 @@ def test_memit_reaches_its_targets_when_preservation_is_light(kind: str) -> None
     assert (after - z).norm() < tolerance * (z - before).norm()
 
 
+def test_overshoot_aims_past_the_targets_by_that_factor() -> None:
+    """``overshoot`` s: the edited residual is h + s (z - h); s <= 0 is refused."""
+    model = tiny_model(PLAIN)
+    hp = replace(_memit(1e-4), overshoot=1.5)
+    with one_thread():
+        edit = compute_edit(model, REQS[:2], method="memit", hparams=hp, corpus=STATS_CORPUS,
+                            progress=False)
+        plain = compute_edit(model, REQS[:2], method="memit", hparams=_memit(1e-4),
+                             corpus=STATS_CORPUS, progress=False)
+        chunk = request_chunks(model, REQS[:2], edit.hparams)[0]
+        from rome_lens.methods.targets import subject_means
+
+        hook = access.resid_post_hook_name(2)
+        before = subject_means(model, chunk, [hook], 3)[hook]
+        with edit.applied(model):
+            after = subject_means(model, chunk, [hook], 3)[hook]
+    z = edit.tensors["z"]
+    assert torch.equal(z, plain.tensors["z"])  # same targets: only the spread's aim moves
+    wanted = before + 1.5 * (z - before)
+    assert (after - wanted).norm() < 0.01 * (z - before).norm()
+    assert edit.info["residual_norms"][0] == pytest.approx(
+        1.5 * plain.info["residual_norms"][0], rel=1e-4)
+    with pytest.raises(InvalidRequestError, match="overshoot"):
+        replace(hp, overshoot=0.0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_alphaedit_leaves_preserved_keys_unchanged(kind: str) -> None:
     model = tiny_model(kind)
