@@ -105,20 +105,28 @@ def test_memit_update_satisfies_its_normal_equations(kind: str) -> None:
             assert site.rank == 3
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_memit_reaches_its_targets_when_preservation_is_light(kind: str) -> None:
-    """With a tiny lambda the edited model's residual at the last layer is the target z."""
-    model = tiny_model(kind)
-    with one_thread():
-        edit = compute_edit(model, REQS[:2], method="memit", hparams=_memit(1e-4),
-                            corpus=STATS_CORPUS, progress=False)
-        from rome_lens.methods.targets import request_chunks, subject_means
+def _memit_states(
+    model: torch.nn.Module, hp: MemitHyperParams
+) -> tuple[rome_lens.Edit, torch.Tensor, torch.Tensor]:
+    """A MEMIT edit of REQS[:2] on layers 1-2, and the residual leaving layer 2 at the subjects
+    (means over each request's prompts) before and with it applied."""
+    from rome_lens.methods.targets import subject_means
 
+    with one_thread():
+        edit = compute_edit(model, REQS[:2], method="memit", hparams=hp, corpus=STATS_CORPUS,
+                            progress=False)
         chunk = request_chunks(model, REQS[:2], edit.hparams)[0]
         hook = access.resid_post_hook_name(2)
         before = subject_means(model, chunk, [hook], 3)[hook]
         with edit.applied(model):
             after = subject_means(model, chunk, [hook], 3)[hook]
+    return edit, before, after
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memit_reaches_its_targets_when_preservation_is_light(kind: str) -> None:
+    """With a tiny lambda the edited model's residual at the last layer is the target z."""
+    edit, before, after = _memit_states(tiny_model(kind), _memit(1e-4))
     z = edit.tensors["z"]
     assert (z - before).norm() > 0.1
     # exact up to float rounding without a post-MLP norm; through one, a fitted change
@@ -130,22 +138,15 @@ def test_overshoot_aims_past_the_targets_by_that_factor() -> None:
     """``overshoot`` s: the edited residual is h + s (z - h); s <= 0 is refused."""
     model = tiny_model(PLAIN)
     hp = replace(_memit(1e-4), overshoot=1.5)
-    with one_thread():
-        edit = compute_edit(model, REQS[:2], method="memit", hparams=hp, corpus=STATS_CORPUS,
-                            progress=False)
-        plain = compute_edit(model, REQS[:2], method="memit", hparams=_memit(1e-4),
-                             corpus=STATS_CORPUS, progress=False)
-        chunk = request_chunks(model, REQS[:2], edit.hparams)[0]
-        from rome_lens.methods.targets import subject_means
-
-        hook = access.resid_post_hook_name(2)
-        before = subject_means(model, chunk, [hook], 3)[hook]
-        with edit.applied(model):
-            after = subject_means(model, chunk, [hook], 3)[hook]
+    edit, before, after = _memit_states(model, hp)
+    plain, _, _ = _memit_states(model, _memit(1e-4))
     z = edit.tensors["z"]
     assert torch.equal(z, plain.tensors["z"])  # same targets: only the spread's aim moves
     wanted = before + 1.5 * (z - before)
-    assert (after - wanted).norm() < 0.01 * (z - before).norm()
+    # exact up to rounding without a post-MLP norm; through one (the 4.x bridge), a fitted
+    # change (measured 0.11; aiming at z instead would leave 0.5)
+    tolerance = 0.01 if PLAIN == "gpt2" else 0.15
+    assert (after - wanted).norm() < tolerance * (z - before).norm()
     assert edit.info["residual_norms"][0] == pytest.approx(
         1.5 * plain.info["residual_norms"][0], rel=1e-4)
     with pytest.raises(InvalidRequestError, match="overshoot"):
