@@ -99,17 +99,17 @@ def applied(model: Any, edits: list[Edit]) -> Iterator[None]:
 
 
 def run_passes(model: Any, facts: list, chunks: list, layers: list[int], hp: Any, solver: Any,
-               wanted: torch.Tensor, z_rows: torch.Tensor, before: torch.Tensor, n_passes: int,
+               z_rows: torch.Tensor, before: torch.Tensor, n_passes: int,
                config: dict[str, Any], out: Path) -> None:
-    """Spread ``wanted`` ``n_passes`` times (each on top of the last) and score after each."""
+    """Spread ``z_rows`` ``n_passes`` times (each on top of the last) and score after each."""
     index = chunk_index(chunks)
     first = first_rows(index)
     passes: list[Edit] = []  # one edit value per pass, applied one on top of the other
     for p in range(1, n_passes + 1):
         t0 = time.perf_counter()
         with applied(model, passes):
-            result = spread(model, chunks, layers, wanted, solver, True, hp.fit_rows,
-                            hp.bare_row_weight, hp.other_positions_weight)
+            result = spread(model, chunks, layers, z_rows, solver, True, hp.fit_rows,
+                            hp.bare_row_weight, hp.other_positions_weight, hp.overshoot)
             passes.append(partial_edit(model, result.sites))
         seconds = time.perf_counter() - t0
         with applied(model, passes):
@@ -147,10 +147,9 @@ def main() -> int:
         solver = memit_solver(mom2, hp.mom2_update_weight, hp.mom2_ridge)
         before = states(model, chunks, layers[-1])
         for scale in args.overshoot or [1.0]:
-            wanted = before + scale * (targets.z_rows - before)
-            run_passes(model, facts, chunks, layers, hp, solver, wanted, targets.z_rows, before,
-                       args.passes, config | ({"overshoot": scale} if scale != 1.0 else {}),
-                       args.out)
+            tag = config | ({"overshoot": scale} if scale != 1.0 else {})
+            run_passes(model, facts, chunks, layers, replace(hp, overshoot=scale), solver,
+                       targets.z_rows, before, args.passes, tag, args.out)
     return 0
 
 
