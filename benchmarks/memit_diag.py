@@ -108,8 +108,9 @@ def run_passes(model: Any, facts: list, chunks: list, layers: list[int], hp: Any
     for p in range(1, n_passes + 1):
         t0 = time.perf_counter()
         with applied(model, passes):
-            result = spread(model, chunks, layers, z_rows, solver, True, hp.fit_rows,
-                            hp.bare_row_weight, hp.other_positions_weight, hp.overshoot)
+            result = spread(model, chunks, layers, z_rows, solver, fit_rows=hp.fit_rows,
+                            bare_weight=hp.bare_row_weight,
+                            other_weight=hp.other_positions_weight, overshoot=hp.overshoot)
             passes.append(partial_edit(model, result.sites))
         seconds = time.perf_counter() - t0
         with applied(model, passes):
