@@ -56,7 +56,12 @@ from rome_lens.methods.memit import (  # noqa: E402
     memit_solver,
     resolve_hparams,
 )
-from rome_lens.methods.spread import measure_rows, partial_edit, spread  # noqa: E402
+from rome_lens.methods.spread import (  # noqa: E402
+    SpreadOptions,
+    measure_rows,
+    partial_edit,
+    spread,
+)
 from rome_lens.methods.targets import (  # noqa: E402
     chunk_index,
     first_rows,
@@ -108,9 +113,8 @@ def run_passes(model: Any, facts: list, chunks: list, layers: list[int], hp: Any
     for p in range(1, n_passes + 1):
         t0 = time.perf_counter()
         with applied(model, passes):
-            result = spread(model, chunks, layers, z_rows, solver, fit_rows=hp.fit_rows,
-                            bare_weight=hp.bare_row_weight,
-                            other_weight=hp.other_positions_weight, overshoot=hp.overshoot)
+            result = spread(model, chunks, layers, z_rows, solver,
+                            SpreadOptions.from_hparams(hp))
             passes.append(partial_edit(model, result.sites))
         seconds = time.perf_counter() - t0
         with applied(model, passes):

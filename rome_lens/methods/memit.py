@@ -40,7 +40,7 @@ from jaxtyping import Float
 from rome_lens._typing import Model
 from rome_lens.edits import Edit, applied_ids, base_fingerprint
 from rome_lens.errors import InvalidRequestError, NonFiniteError
-from rome_lens.methods.spread import Solver, Spread, spread
+from rome_lens.methods.spread import Solver, Spread, SpreadOptions, spread
 from rome_lens.methods.targets import RequestChunk, Targets, optimise_targets, request_chunks
 from rome_lens.models import access
 from rome_lens.requests import EditRequest, check_requests
@@ -247,8 +247,8 @@ def run_many(
     targets = optimise_targets(model, chunks, hp, hp.layers[-1], loop, cache_targets, progress)
     t1 = time.perf_counter()
     assert targets.z_rows is not None
-    result = spread(model, chunks, hp.layers, targets.z_rows, solver, progress, hp.fit_rows,
-                    hp.bare_row_weight, hp.other_positions_weight, hp.overshoot)
+    result = spread(model, chunks, hp.layers, targets.z_rows, solver,
+                    SpreadOptions.from_hparams(hp), progress)
     t2 = time.perf_counter()
     info |= {"timings": {"targets_s": t1 - t0, "spread_s": t2 - t1},
              "final_losses": targets.final_losses, "cached_targets": targets.cached,

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -54,6 +55,41 @@ Solver = Callable[
      Float[torch.Tensor, "d_mlp d_mlp"] | None],
     tuple[torch.Tensor, torch.Tensor],
 ]
+
+
+@dataclass(frozen=True)
+class SpreadOptions:
+    """How :func:`spread` sets up each layer's solve (MEMIT's hyperparameters of the same names).
+
+    Attributes:
+        fit_rows: every prompt's key is a constraint of the solve (default: each request's mean
+            key, as MEMIT).
+        bare_weight: with ``fit_rows``, each request's bare edit prompt counts that many times in
+            the solve and in the fit of its raw change (its key is what the edit prompt reads).
+        other_weight: > 0 adds the keys after the subject (:func:`other_positions_gram`) to the
+            solve as "no change" constraints of that weight.
+        overshoot: the layers aim at ``h + overshoot (z - h)``, ``h`` the residual rows before
+            the first update.
+
+    Example:
+        >>> SpreadOptions.from_hparams(rome_lens.MemitHyperParams(overshoot=1.2)).overshoot
+        1.2
+    """
+
+    fit_rows: bool = False
+    bare_weight: float = 1.0
+    other_weight: float = 0.0
+    overshoot: float = 1.0
+
+    @classmethod
+    def from_hparams(cls, hparams: Any) -> SpreadOptions:
+        """The options of a MEMIT-style hyperparameter object (missing fields: the defaults)."""
+        return cls(
+            fit_rows=bool(getattr(hparams, "fit_rows", False)),
+            bare_weight=float(getattr(hparams, "bare_row_weight", 1.0)),
+            other_weight=float(getattr(hparams, "other_positions_weight", 0.0)),
+            overshoot=float(getattr(hparams, "overshoot", 1.0)),
+        )
 
 
 @dataclass
@@ -206,28 +242,19 @@ def spread(
     layers: Sequence[int],
     z_rows: Float[torch.Tensor, "rows d_model"],
     solver: Solver,
+    options: SpreadOptions | None = None,
     progress: bool = True,
-    fit_rows: bool = False,
-    bare_weight: float = 1.0,
-    other_weight: float = 0.0,
-    overshoot: float = 1.0,
 ) -> Spread:
     """Update each layer of ``layers`` (ascending) towards the row targets of the last one.
 
     The model is not modified: the lower layers' updates are applied only while the keys and
     residuals of the next layer are measured (exactly reverted by the edit registry).
-    ``fit_rows``: every prompt's key is a constraint of the solve (default: each request's
-    mean key, as MEMIT); ``bare_weight``: with ``fit_rows``, each request's bare edit prompt
-    counts that many times in the solve and in the fit of its raw change (its key is what the
-    edit prompt itself reads); ``other_weight``: > 0 adds the keys after the subject
-    (:func:`other_positions_gram`) to the solve as "no change" constraints of that weight;
-    ``overshoot``: the layers aim at ``h + overshoot (z - h)``, ``h`` the residual rows before
-    the first update.
+    ``options``: the solve's set-up (:class:`SpreadOptions`; default: MEMIT's).
 
     Raises:
         NonFiniteError: a key, residual or update is NaN or infinite.
     """
-    out = Spread()
+    opt, out = options or SpreadOptions(), Spread()
     z_layer, dtype = layers[-1], access.mlp_out_weight(model, layers[0]).dtype
     for i, layer in enumerate(tqdm(layers, desc="layer updates", disable=not progress)):
         fit_threads()  # per layer: each solve and fit runs for minutes at thousands of facts
@@ -235,21 +262,21 @@ def spread(
         preserve = None
         with below:
             key_rows, now, index = measure_rows(model, chunks, layer, z_layer)
-            if other_weight > 0:
-                preserve = other_weight * other_positions_gram(model, chunks, layer)[0]
+            if opt.other_weight > 0:
+                preserve = opt.other_weight * other_positions_gram(model, chunks, layer)[0]
         n = int(index.max()) + 1
-        if i == 0 and overshoot != 1.0:
-            z_rows = now + overshoot * (z_rows.to(now.device) - now)
+        if i == 0 and opt.overshoot != 1.0:
+            z_rows = now + opt.overshoot * (z_rows.to(now.device) - now)
         keys = request_means(key_rows, index, n)
         wanted = (z_rows.to(now.device) - now) / (len(layers) - i)
         with torch.no_grad():
             values = access.mlp_value(model, layer, key_rows.to(model.cfg.device))
-        weights = row_weights(index, bare_weight) if fit_rows else None
+        weights = row_weights(index, opt.bare_weight) if opt.fit_rows else None
         change = raw_change(model, layer, values, wanted.to(values.device), index,
                             weights=weights).cpu()
         if not (torch.isfinite(key_rows).all() and torch.isfinite(change).all()):
             raise NonFiniteError(f"keys or residuals at layer {layer} are not finite")
-        if fit_rows:  # every prompt's key is a constraint, with its request's change
+        if opt.fit_rows:  # every prompt's key is a constraint, with its request's change
             assert weights is not None
             sqrt_w = weights.sqrt()[:, None]  # least squares weighted by w: rows times sqrt(w)
             left, right = solver(layer, key_rows * sqrt_w, change[index] * sqrt_w, preserve)

@@ -15,7 +15,7 @@ import rome_lens
 from rome_lens import AlphaEditHyperParams, EditRequest, MemitHyperParams, compute_edit
 from rome_lens.edits import DenseSite
 from rome_lens.errors import InvalidRequestError, LayerOutOfRangeError
-from rome_lens.methods.spread import partial_edit
+from rome_lens.methods.spread import SpreadOptions, partial_edit
 from rome_lens.methods.targets import optimise_targets, request_chunks, subject_means
 from rome_lens.models import access
 from rome_lens.statistics import StatisticsConfig, null_space_basis, second_moment
@@ -150,6 +150,15 @@ def test_overshoot_aims_past_the_targets_by_that_factor() -> None:
         1.5 * plain.info["residual_norms"][0], rel=1e-4)
     with pytest.raises(InvalidRequestError, match="overshoot"):
         replace(hp, overshoot=0.0)
+
+
+def test_spread_options_come_from_the_hyperparameters() -> None:
+    """Each MEMIT field reaches the spread; other hparams get MEMIT's plain solve."""
+    hp = MemitHyperParams(fit_rows=True, bare_row_weight=4.0, other_positions_weight=0.1,
+                          overshoot=1.2)
+    assert SpreadOptions.from_hparams(hp) == SpreadOptions(
+        fit_rows=True, bare_weight=4.0, other_weight=0.1, overshoot=1.2)
+    assert SpreadOptions.from_hparams(rome_lens.RomeHyperParams()) == SpreadOptions()
 
 
 @pytest.mark.parametrize("kind", KINDS)
