@@ -45,7 +45,6 @@ from _provenance import provenance  # noqa: E402
 
 import rome_lens  # noqa: E402
 from rome_lens.methods.memit import default_memit_hparams, resolve_hparams  # noqa: E402
-from rome_lens.methods.targets import optimise_targets, request_chunks  # noqa: E402
 from rome_lens.models import access  # noqa: E402
 from rome_lens.requests import subject_token_span, target_tokens  # noqa: E402
 
@@ -157,15 +156,14 @@ def main() -> int:
                              rome_lens.MemitHyperParams)
         layer = list(hp.layers)[-1]
         t0 = time.perf_counter()
-        targets = optimise_targets(model, request_chunks(model, requests, hp), hp, layer,
-                                   cache=True)
         edit = rome_lens.compute_edit(model, requests, method="memit", hparams=hp,
                                       cache_targets=True, progress=False)
+        deltas = edit.tensors["delta"]  # each fact's optimised change at the target layer
         batches = [fact_batch(model, f) for f in facts]
         lps: list[dict[str, list[float]]] = []
         with torch.no_grad():
             for i, b in enumerate(tqdm(batches, desc="unedited, ceiling")):
-                lps.append(unedited_modes(model, b, layer, targets.delta[i]))
+                lps.append(unedited_modes(model, b, layer, deltas[i]))
             with edit.applied(model):
                 for b, lp in zip(tqdm(batches, desc="edit, confined"), lps, strict=True):
                     lp.update(edited_modes(model, b, layer))
