@@ -84,11 +84,12 @@ class SpreadOptions:
     @classmethod
     def from_hparams(cls, hparams: Any) -> SpreadOptions:
         """The options of a MEMIT-style hyperparameter object (missing fields: the defaults)."""
+        plain = cls()
         return cls(
-            fit_rows=bool(getattr(hparams, "fit_rows", False)),
-            bare_weight=float(getattr(hparams, "bare_row_weight", 1.0)),
-            other_weight=float(getattr(hparams, "other_positions_weight", 0.0)),
-            overshoot=float(getattr(hparams, "overshoot", 1.0)),
+            fit_rows=bool(getattr(hparams, "fit_rows", plain.fit_rows)),
+            bare_weight=float(getattr(hparams, "bare_row_weight", plain.bare_weight)),
+            other_weight=float(getattr(hparams, "other_positions_weight", plain.other_weight)),
+            overshoot=float(getattr(hparams, "overshoot", plain.overshoot)),
         )
 
 
